@@ -1,0 +1,147 @@
+"""Finding scans under a data path and attaching their labels.
+
+The COV19-CT-DB layout is ``DATA/{train,validation}/{covid,non-covid}/<scan>``
+plus unlabelled ``DATA/test/<scan>``; severity comes from two CSV files of
+``Name;Category`` rows. Any other folder of scans works too: scans are found
+recursively and take a split and label only from folder names that say so.
+Scans are keyed by their path relative to DATA, since names repeat across
+folders (``covid/ct_scan_0`` and ``non-covid/ct_scan_0`` are different scans).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import Cov3dError
+from .io import natural_key, scan_kind
+
+log = logging.getLogger(__name__)
+
+SPLITS = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
+          "valid": "validation", "test": "test"}
+LABELS = {"covid": "covid", "non-covid": "non-covid", "non_covid": "non-covid", "noncovid": "non-covid"}
+SEVERITY_NAMES = {1: "mild", 2: "moderate", 3: "severe", 4: "critical"}
+SEVERITY_FILES = {"train": "train_partition_covid_categories.csv",
+                  "validation": "val_partition_covid_categories.csv"}
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    """One scan found under DATA: where it is and what is known about it."""
+
+    path: str  # relative to DATA, '/'-separated; '.' when DATA is itself the scan
+    kind: str  # 'slices', 'dicom' or 'volume'
+    split: str = ""  # 'train', 'validation', 'test' or ''
+    label: str = ""  # 'covid', 'non-covid' or ''
+    severity: int | None = None  # 1 mild … 4 critical
+
+
+def find_scans(root: Path) -> list[tuple[Path, str]]:
+    """Every scan at or below `root` as (path, kind), in natural order; scans are not searched inside."""
+    root = Path(root)
+    kind = scan_kind(root)
+    if kind:
+        return [(root, kind)]
+    found: list[tuple[Path, str]] = []
+    for child in sorted(root.iterdir(), key=lambda p: natural_key(p.name)):
+        if child.name.startswith("."):
+            continue
+        if child.is_dir():
+            found.extend(find_scans(child))
+        elif scan_kind(child):
+            found.append((child, "volume"))
+    return found
+
+
+def _classify(relative: Path) -> tuple[str, str]:
+    split = label = ""
+    for part in relative.parts[:-1] if relative.parts else ():
+        lowered = part.lower()
+        if not split and lowered in SPLITS:
+            split = SPLITS[lowered]
+        elif split and not label and lowered in LABELS:
+            label = LABELS[lowered]
+    return split, label
+
+
+def read_severity_csv(path: Path) -> dict[str, tuple[int, int]]:
+    """Read a ``Name;Category`` file (';' or ',' separated) into {name: (category, line)}."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as error:
+        raise Cov3dError(f"severity file '{path}' cannot be read: {error.strerror}") from None
+    lines = text.splitlines()
+    delimiter = ";" if lines and ";" in lines[0] else ","
+    rows: dict[str, tuple[int, int]] = {}
+    for number, row in enumerate(csv.reader(lines, delimiter=delimiter), start=1):
+        cells = [c.strip() for c in row]
+        if not any(cells):
+            continue
+        if number == 1 and len(cells) >= 2 and cells[1].lower() == "category":
+            continue  # header
+        if len(cells) < 2 or not cells[0]:
+            raise Cov3dError(f"{path}, line {number}: expected 'Name;Category', got '{';'.join(row)}'")
+        name, category = cells[0], cells[1]
+        if category not in {"1", "2", "3", "4"}:
+            raise Cov3dError(f"{path}, line {number}: unknown severity category '{category}' for '{name}' "
+                             "(use 1 mild, 2 moderate, 3 severe, 4 critical)")
+        rows[name] = (int(category), number)
+    return rows
+
+
+def catalog(data: Path, severity_files: dict[str, Path | None] | None = None) -> list[ScanRecord]:
+    """All scans under `data` with split, label and severity.
+
+    `severity_files` maps 'train'/'validation' to a CSV; a split left out (or
+    None) uses the official file name at DATA's root when it exists.
+    """
+    data = Path(data)
+    if not data.exists():
+        raise Cov3dError(f"data path '{data}' does not exist")
+    if data.is_dir() and not any(p for p in data.iterdir() if not p.name.startswith(".")):
+        raise Cov3dError(f"data folder '{data}' is empty")
+    if data.is_file() and not scan_kind(data):
+        raise Cov3dError(f"'{data}' has an unsupported file type; give a scan folder, a folder of scans, "
+                         "or a .nii/.nii.gz/.nrrd/.mha/.mhd/.dcm file")
+    found = find_scans(data)
+    if not found:
+        raise Cov3dError(f"no scans found under '{data}': expected folders of numbered .jpg/.png slices, "
+                         "DICOM series folders, or NIfTI/NRRD/MetaImage files")
+    records: dict[str, ScanRecord] = {}
+    for path, kind in found:
+        relative = path.relative_to(data) if path != data else Path(".")
+        split, label = _classify(relative)
+        records[relative.as_posix()] = ScanRecord(relative.as_posix(), kind, split, label)
+
+    covid_scans = _covid_scans_by_name(records)
+    severity_files = dict(severity_files or {})
+    for split, official in SEVERITY_FILES.items():
+        csv_path = severity_files.get(split)
+        if csv_path is None and data.is_dir() and (data / official).is_file():
+            csv_path = data / official
+        if csv_path is None:
+            continue
+        for name, (category, line) in read_severity_csv(Path(csv_path)).items():
+            key = covid_scans.get((split, name))
+            if key is None:
+                raise Cov3dError(f"{csv_path}, line {line}: scan '{name}' is not in the {split} split's "
+                                 "covid folder; check the name or pass the right file with "
+                                 f"--{split}-severity")
+            record = records[key]
+            records[key] = ScanRecord(record.path, record.kind, record.split, record.label, category)
+    return list(records.values())
+
+
+def _covid_scans_by_name(records: dict[str, ScanRecord]) -> dict[tuple[str, str], str]:
+    """Index covid scans by (split, name): the folder name, or a volume file's name without suffix."""
+    index: dict[tuple[str, str], str] = {}
+    for key, record in records.items():
+        if record.label == "covid":
+            leaf = key.rsplit("/", 1)[-1]
+            index[(record.split, leaf)] = key
+            if record.kind == "volume":
+                index.setdefault((record.split, leaf.split(".", 1)[0]), key)
+    return index

@@ -1,0 +1,305 @@
+"""Turning scans into cached fixed-size tensors (paper §3.1).
+
+Each scan becomes ``<cache>/<D>x<W>x<W>/<relative path>.pt`` holding one float16
+tensor of shape (1, D, W, W) in [0, 1], and each size folder has a
+``manifest.csv`` describing every cached scan. Writes go to a temporary file
+renamed into place, so an interrupted run never leaves a partial tensor, and a
+rerun skips scans whose cache is up to date.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .catalog import ScanRecord, catalog
+from .errors import Cov3dError
+from .io import DEFAULT_WINDOW, read_scan
+from .resample import SIZES, finish
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.csv"
+MANIFEST_COLUMNS = ["path", "cache", "split", "label", "severity", "slices", "source",
+                    "height", "width", "spacing", "window", "stamp"]
+CACHE_DTYPE = torch.float16  # 2 bytes a voxel; ample for values in [0, 1]
+
+
+@dataclass(frozen=True)
+class Size:
+    """Preprocessed scan size: depth × width × width."""
+
+    depth: int
+    width: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.depth}x{self.width}x{self.width}"
+
+
+def resolve_size(size: str | None = "small", depth: int | None = None, width: int | None = None) -> Size:
+    """A named size ('small', 'medium', 'large'), overridden by explicit depth and/or width."""
+    if size is not None and size not in SIZES:
+        raise Cov3dError(f"size '{size}' is not one of {', '.join(SIZES)}; or give --depth and --width")
+    named_depth, named_width = SIZES[size or "small"]
+    depth = named_depth if depth is None else depth
+    width = named_width if width is None else width
+    if depth < 1 or width < 1:
+        raise Cov3dError(f"depth {depth} and width {width} must both be at least 1")
+    return Size(depth, width)
+
+
+def cache_root() -> Path:
+    """Where caches live by default: $COV3D_CACHE, else $XDG_CACHE_HOME/cov3d, else ~/.cache/cov3d."""
+    if os.environ.get("COV3D_CACHE"):
+        return Path(os.environ["COV3D_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "cov3d"
+
+
+def default_cache_dir(data: Path) -> Path:
+    """The default cache of a data path: its name plus a hash of its absolute path, under :func:`cache_root`."""
+    resolved = Path(data).resolve()
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
+    return cache_root() / f"{resolved.name or 'data'}-{digest}"
+
+
+def size_dir(cache: Path, size: Size) -> Path:
+    return Path(cache) / size.name
+
+
+def _check_cache_dir(cache: Path, data: Path) -> None:
+    cache, data = Path(cache).resolve(), Path(data).resolve()
+    source_dir = data if data.is_dir() else data.parent
+    if cache == source_dir or source_dir in cache.parents:
+        raise Cov3dError(f"cache '{cache}' is inside the data '{source_dir}'; choose a --cache outside it")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        probe = cache / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise Cov3dError(f"cache '{cache}' is not writable ({error.strerror}); choose another with --cache") from None
+
+
+def source_stamp(path: Path) -> str:
+    """A cheap fingerprint of a scan's files: count, bytes and newest modification time."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()]
+    stats = [p.stat() for p in files]
+    return f"{len(stats)}:{sum(s.st_size for s in stats)}:{max((s.st_mtime_ns for s in stats), default=0)}"
+
+
+def cache_name(record_path: str, data: Path) -> str:
+    """Relative cache file for a scan: its path under DATA plus '.pt' (DATA's own name when it is the scan)."""
+    relative = Path(data).resolve().name if record_path == "." else record_path
+    return f"{relative}.pt"
+
+
+def atomic_save(tensor: torch.Tensor, destination: Path) -> None:
+    """torch.save via a temporary file and rename: the destination is whole or absent."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(tensor, temporary)
+        os.replace(temporary, destination)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_cached(path: Path) -> torch.Tensor:
+    """A cached scan tensor (1, D, H, W) float16; loads no pickled code."""
+    return torch.load(path, weights_only=True)
+
+
+def preprocess_volume(
+    source: Path, size: Size, window: tuple[float, float] = DEFAULT_WINDOW, threads: int | None = None
+) -> tuple[torch.Tensor, dict]:
+    """Read and resample one scan; return the (1, D, W, W) float16 tensor and its metadata."""
+    scan = read_scan(source, window=window, slice_width=size.width, threads=threads)
+    volume = finish(scan.volume, size.depth)
+    meta = scan.meta
+    return torch.from_numpy(volume).to(CACHE_DTYPE).unsqueeze(0), {
+        "slices": meta.slices,
+        "source": meta.source,
+        "height": meta.height,
+        "width": meta.width,
+        "spacing": "" if meta.spacing is None else "x".join(f"{s:g}" for s in meta.spacing),
+    }
+
+
+@dataclass
+class PreprocessReport:
+    """What a preprocess run did."""
+
+    manifest: Path
+    total: int = 0
+    processed: int = 0
+    skipped: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (scan path, reason)
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """Rows of a manifest.csv (empty when the file does not exist)."""
+    if not Path(path).is_file():
+        return []
+    with Path(path).open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_manifest(path: Path, rows: Iterable[dict]) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _window_text(record: ScanRecord, window: tuple[float, float]) -> str:
+    # JPEG/PNG slices are already windowed; the HU window only affects the others.
+    return "" if record.kind == "slices" else f"{window[0]:g},{window[1]:g}"
+
+
+def _row(record: ScanRecord, cache_file: str, meta: dict, window: str, stamp: str) -> dict:
+    return {"path": record.path, "cache": cache_file, "split": record.split, "label": record.label,
+            "severity": "" if record.severity is None else record.severity, **meta,
+            "window": window, "stamp": stamp}
+
+
+def _work(source: str, destination: str, size: Size, window: tuple[float, float], threads: int) -> dict:
+    """One scan, in a worker process: preprocess and save; return its metadata."""
+    torch.set_num_threads(threads)
+    tensor, meta = preprocess_volume(Path(source), size, window, threads)
+    atomic_save(tensor, Path(destination))
+    return meta
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) if isinstance(error, Cov3dError) else f"{type(error).__name__}: {error}"
+
+
+def preprocess_dataset(
+    data: Path,
+    size: Size,
+    cache: Path | None = None,
+    *,
+    window: tuple[float, float] = DEFAULT_WINDOW,
+    workers: int | None = None,
+    overwrite: bool = False,
+    severity_files: dict[str, Path | None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PreprocessReport:
+    """Cache every scan under `data` at `size`; return what was done.
+
+    Scans whose cache is up to date (same source files, same window) are
+    skipped unless `overwrite`. A failing scan is recorded in the report and
+    left out of the manifest; the others are still processed. `progress(done,
+    total)` is called as scans finish.
+    """
+    data = Path(data)
+    records = catalog(data, severity_files)
+    cache = Path(cache) if cache is not None else default_cache_dir(data)
+    _check_cache_dir(cache, data)
+    folder = size_dir(cache, size)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / MANIFEST
+    previous = {row["path"]: row for row in read_manifest(manifest)}
+
+    report = PreprocessReport(manifest=manifest, total=len(records))
+    rows: dict[str, dict] = {}
+    jobs: list[tuple[ScanRecord, str, str, str]] = []
+    for record in records:
+        cache_file = cache_name(record.path, data)
+        window_text = _window_text(record, window)
+        stamp = source_stamp(data / record.path)
+        old = previous.get(record.path)
+        if (not overwrite and old and old.get("stamp") == stamp and old.get("window") == window_text
+                and (folder / cache_file).is_file()):
+            meta = {k: old.get(k, "") for k in ("slices", "source", "height", "width", "spacing")}
+            rows[record.path] = _row(record, cache_file, meta, window_text, stamp)
+            report.skipped += 1
+        else:
+            jobs.append((record, cache_file, window_text, stamp))
+    if report.skipped:
+        log.info("%d of %d scans are already cached at %s", report.skipped, len(records), folder)
+
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    done = report.skipped
+    if progress:
+        progress(done, report.total)
+
+    def ordered_rows() -> list[dict]:
+        return [rows[r.path] for r in records if r.path in rows]
+
+    def finished(job: tuple[ScanRecord, str, str, str], result: dict | BaseException) -> None:
+        nonlocal done
+        record, cache_file, window_text, stamp = job
+        if isinstance(result, BaseException):
+            report.failures.append((record.path, _describe(result)))
+            log.debug("scan %s failed", record.path, exc_info=result)
+            rows.pop(record.path, None)
+        else:
+            rows[record.path] = _row(record, cache_file, result, window_text, stamp)
+            report.processed += 1
+        done += 1
+        if progress:
+            progress(done, report.total)
+
+    last_write = time.monotonic()
+    try:
+        if workers == 1:
+            for job in jobs:
+                try:
+                    result: dict | BaseException = _work(str(data / job[0].path), str(folder / job[1]),
+                                                          size, window, threads)
+                except Exception as error:  # one bad scan must not stop the others
+                    result = error
+                finished(job, result)
+                if time.monotonic() - last_write > 5:
+                    _write_manifest(manifest, ordered_rows())
+                    last_write = time.monotonic()
+        else:
+            # 'spawn' keeps workers independent of the parent's torch thread pools.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                pending: dict[Future, tuple] = {}
+                queue = iter(jobs)
+
+                def submit() -> None:
+                    job = next(queue, None)
+                    if job is not None:
+                        future = pool.submit(_work, str(data / job[0].path), str(folder / job[1]),
+                                             size, window, threads)
+                        pending[future] = job
+
+                for _ in range(2 * workers):  # a short queue keeps memory bounded
+                    submit()
+                while pending:
+                    complete, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in complete:
+                        job = pending.pop(future)
+                        error = future.exception()
+                        finished(job, error if error is not None else future.result())
+                        submit()
+                    if time.monotonic() - last_write > 5:
+                        _write_manifest(manifest, ordered_rows())
+                        last_write = time.monotonic()
+    finally:
+        # Also on Ctrl-C: record every scan finished so far, so a rerun resumes.
+        _write_manifest(manifest, ordered_rows())
+    return report

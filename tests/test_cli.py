@@ -1,0 +1,71 @@
+import re
+
+from typer.testing import CliRunner
+
+from cov3d import __version__
+from cov3d.cli import app
+from cov3d.preprocess import read_manifest
+
+runner = CliRunner()
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_help_for_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "preprocess" in result.output
+    result = runner.invoke(app, ["preprocess", "--help"])
+    assert result.exit_code == 0
+    for option in ["--size", "--depth", "--width", "--cache", "--workers", "--overwrite", "--window",
+                   "--train-severity", "--validation-severity"]:
+        assert option in result.output
+
+
+def test_preprocess_command(dataset, tmp_path):
+    result = runner.invoke(app, ["preprocess", str(dataset), "--depth", "8", "--width", "16",
+                                 "--cache", str(tmp_path / "c"), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "Cached 6 of 6 scans at 8x16x16" in result.output
+    assert len(read_manifest(tmp_path / "c" / "8x16x16" / "manifest.csv")) == 6
+
+
+def test_preprocess_reports_failures_in_a_table(dataset, tmp_path):
+    (dataset / "test" / "ct_scan_9" / "1.jpg").write_bytes(b"xx")
+    result = runner.invoke(app, ["preprocess", str(dataset), "--depth", "4", "--width", "8",
+                                 "--cache", str(tmp_path / "c"), "--workers", "1"])
+    assert result.exit_code == 1
+    assert "1 scan(s) failed" in result.output and "test/ct_scan_9" in result.output
+    assert "Cached 5 of 6" in result.output
+
+
+def test_missing_data_is_one_line(tmp_path):
+    line = one_error_line(runner.invoke(app, ["preprocess", str(tmp_path / "none")]))
+    assert "does not exist" in line
+
+
+def test_bad_window_is_one_line(dataset):
+    line = one_error_line(runner.invoke(app, ["preprocess", str(dataset), "--window=5,1"]))
+    assert re.search("window '5,1' needs LOW < HIGH", line)
+
+
+def test_bad_severity_file_is_one_line(dataset, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("nobody;2\n")
+    line = one_error_line(runner.invoke(app, ["preprocess", str(dataset), "--train-severity", str(bad)]))
+    assert "scan 'nobody'" in line
+
+
+def test_cache_inside_data_is_one_line(dataset):
+    line = one_error_line(runner.invoke(app, ["preprocess", str(dataset), "--cache", str(dataset / "c")]))
+    assert "inside the data" in line

@@ -153,14 +153,14 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
     """Rows of a manifest.csv (empty when the file does not exist)."""
     if not Path(path).is_file():
         return []
-    with Path(path).open(newline="") as handle:
+    with Path(path).open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
 def _write_manifest(path: Path, rows: Iterable[dict]) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with temporary.open("w", newline="") as handle:
+        with temporary.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)

@@ -8,8 +8,8 @@ TEST = "python -m pytest"
 
 
 def test_ci_runs_the_readme_commands():
-    readme = (ROOT / "README.md").read_text()
-    ci = (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     for command in (INSTALL, TEST):
         assert command in readme, command
         assert command in ci, command

@@ -145,5 +145,137 @@ def preprocess(
             raise typer.Exit(1)
 
 
+class Arch(str, Enum):
+    r3d_18 = "r3d_18"
+    mc3_18 = "mc3_18"
+    r2plus1d_18 = "r2plus1d_18"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="A COV19-CT-DB dataset root with train/ and validation/ splits.")],
+    output: Annotated[
+        Optional[Path], typer.Option(help="Run directory for checkpoints, config and history (default: runs/<time>).")
+    ] = None,
+    lam: Annotated[
+        float, typer.Option("--lambda", help="Weight of the severity loss: (1-λ)·presence + λ·severity, in [0, 1].")
+    ] = 0.1,
+    arch: Annotated[Arch, typer.Option(help="torchvision video ResNet to start from.")] = Arch.r3d_18,
+    pretrained: Annotated[
+        bool, typer.Option("--pretrained/--no-pretrained", help="Start from Kinetics-400 weights.")
+    ] = True,
+    weights: Annotated[
+        Optional[Path], typer.Option(help="Local copy of the Kinetics-400 checkpoint (instead of downloading it).")
+    ] = None,
+    size: SizeOption = SizeName.small,
+    depth: DepthOption = None,
+    width: WidthOption = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 40,
+    batch_size: Annotated[int, typer.Option(min=1, help="Scans per batch.")] = 2,
+    lr: Annotated[float, typer.Option(help="Maximum learning rate of the one-cycle schedule.")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay of Adam.")] = 1e-5,
+    presence_smoothing: Annotated[float, typer.Option(help="Label smoothing ε_p of the presence targets.")] = 0.1,
+    severity_smoothing: Annotated[
+        float, typer.Option(help="Label smoothing ε_s shared among neighbouring severity classes.")
+    ] = 0.0,
+    dropout: Annotated[float, typer.Option(help="Dropout after each residual layer and in the head.")] = 0.5,
+    penultimate: Annotated[int, typer.Option(min=1, help="Width of the head's hidden layer.")] = 512,
+    flip: Annotated[
+        bool, typer.Option("--flip/--no-flip", help="Randomly reflect training scans through the sagittal plane.")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
+    precision: Annotated[
+        Precision, typer.Option(help="auto: fp16 mixed precision on CUDA, fp32 on CPU; or fp32, bf16, fp16.")
+    ] = Precision.auto,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    loader_workers: Annotated[
+        Optional[int], typer.Option(min=0, help="Data loader processes (default: up to 4).")
+    ] = None,
+    cache: CacheOption = None,
+    window: WindowOption = None,
+    train_severity: Annotated[Optional[Path], typer.Option(help="Severity CSV for train.")] = None,
+    validation_severity: Annotated[Optional[Path], typer.Option(help="Severity CSV for validation.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --output.")] = False,
+    wandb: Annotated[bool, typer.Option("--wandb/--no-wandb", help="Log to Weights & Biases.")] = False,
+    wandb_project: Annotated[str, typer.Option(help="W&B project.")] = "cov3d",
+    wandb_entity: Annotated[Optional[str], typer.Option(help="W&B entity (user or team).")] = None,
+    wandb_mode: Annotated[
+        Optional[WandbMode], typer.Option(help="W&B mode (default: $WANDB_MODE, else online).")
+    ] = None,
+) -> None:
+    """Train a Cov3d model on presence and severity with the combined loss; keep the best weights per task."""
+    import time
+
+    from .io import DEFAULT_WINDOW, parse_window
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    with _reported():
+        if resume and output is None:
+            raise Cov3dError("--resume needs --output RUN, the run directory to continue")
+        run = output or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        config = TrainConfig(
+            data=str(data), output=str(run), arch=arch.value, pretrained=pretrained,
+            weights=str(weights) if weights else None, size=size.value, depth=depth, width=width, lam=lam,
+            presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing, dropout=dropout,
+            penultimate=penultimate, lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs,
+            flip=flip, seed=seed, precision=precision.value, device=device, loader_workers=loader_workers,
+            cache=str(cache) if cache else None,
+            window=parse_window(window) if window is not None else DEFAULT_WINDOW,
+            train_severity=str(train_severity) if train_severity else None,
+            validation_severity=str(validation_severity) if validation_severity else None,
+            wandb=wandb, wandb_project=wandb_project, wandb_entity=wandb_entity,
+            wandb_mode=wandb_mode.value if wandb_mode else None,
+        )
+        config.validate()
+
+        def epoch_line(row: dict) -> None:
+            def fmt(key: str) -> str:
+                value = row.get(key)
+                return "-" if value is None or value != value else f"{float(value):.4f}"
+
+            console.print(f"epoch {row['epoch']:>3}/{config.epochs}  train loss {fmt('train_loss')}  "
+                          f"valid loss {fmt('valid_loss')}  presence F1 {fmt('presence_f1')}  "
+                          f"accuracy {fmt('presence_accuracy')}  severity F1 {fmt('severity_f1')}", soft_wrap=True)
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TimeRemainingColumn(), console=console, transient=True)
+        task = bar.add_task("", total=None)
+
+        def batch_progress(phase: Optional[str], done: int, total: int) -> None:
+            if not bar.live.is_started:
+                bar.start()
+            if phase is not None:
+                bar.reset(task, description=phase, total=total)
+            bar.update(task, completed=done)
+
+        def epoch_and_bar(row: dict) -> None:
+            bar.stop()
+            epoch_line(row)
+
+        with _progress_bar("Preprocessing") as progress:
+            try:
+                result = run_training(config, resume=resume, on_epoch=epoch_and_bar, on_preprocess=progress,
+                                      on_batch=batch_progress)
+            finally:
+                bar.stop()
+        best = ", ".join(f"{name} {score:.4f}" for name, score in result.best.items() if score > float("-inf"))
+        console.print(f"Done: {result.epochs_done} epochs. Best {best or 'scores: none'}.")
+        console.print(f"Run directory: {result.run}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

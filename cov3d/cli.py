@@ -277,5 +277,146 @@ def train(
         console.print(f"Run directory: {result.run}")
 
 
+def _failure_table(failures: list[tuple[str, str]], what: str = "scan") -> None:
+    table = Table(title=f"{len(failures)} {what}(s) failed", title_style="bold red")
+    table.add_column(what, overflow="fold")
+    table.add_column("reason", overflow="fold")
+    for path, reason in failures:
+        table.add_row(escape(path), escape(reason))
+    errors.print(table)
+
+
+ModelOption = Annotated[
+    list[Path], typer.Option("--model", help="A run directory or checkpoint file; repeat to ensemble models.")
+]
+TtaOption = Annotated[
+    bool, typer.Option("--tta/--no-tta", help="Average each scan with its sagittal reflection.")
+]
+InferencePrecision = Annotated[
+    Precision, typer.Option(help="auto: fp16 on CUDA, bf16 + channels_last_3d on CPU; or fp32, bf16, fp16.")
+]
+LoaderWorkers = Annotated[
+    Optional[int], typer.Option(min=0, help="Processes reading scans ahead of the model (default: up to 4).")
+]
+
+
+@app.command()
+def predict(
+    scans: Annotated[list[Path], typer.Argument(help="Scans (folders or files) or folders holding scans.")],
+    model: ModelOption,
+    output: Annotated[Path, typer.Option(help="CSV file to write.")] = Path("predictions.csv"),
+    tta: TtaOption = True,
+    threshold: Annotated[
+        str, typer.Option(help="P(covid) threshold: a number, or a metrics.json from `cov3d evaluate`.")
+    ] = "0.5",
+    submission: Annotated[
+        Optional[Path], typer.Option(help="Also write the challenge lists (covid.csv, …, critical.csv) here.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Scans per forward pass.")] = 2,
+    workers: LoaderWorkers = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: InferencePrecision = Precision.auto,
+) -> None:
+    """Predict COVID-19 presence and severity for scans with one model or an ensemble."""
+    from .predict import find_inputs, load_ensemble, parse_threshold, predict_scans, prediction_rows
+    from .predict import write_csv, write_submission
+
+    with _reported():
+        cutoff = parse_threshold(threshold)
+        members = load_ensemble(model)
+        found, missing = find_inputs(scans)
+        failures = list(missing)
+        rows: list[dict] = []
+        if found:
+            with _progress_bar("Predicting") as progress:
+                predictions, failed = predict_scans(found, members, tta=tta, batch_size=batch_size, workers=workers,
+                                                    device=device, precision=precision.value, roots=scans,
+                                                    progress=progress)
+            failures.extend(failed)
+            rows = prediction_rows(predictions, cutoff)
+            write_csv(output, rows)
+            covid = sum(r["prediction"] == "covid" for r in rows)
+            console.print(f"Predicted {len(rows)} scan(s) with {len(members)} checkpoint(s): {covid} covid, "
+                          f"{len(rows) - covid} non-covid (threshold {cutoff:g}).")
+            console.print(f"Predictions: {output}")
+            if submission is not None:
+                write_submission(submission, rows)
+                console.print(f"Submission lists: {submission}")
+        if failures:
+            _failure_table(failures)
+            raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="A dataset root with labelled splits.")],
+    model: ModelOption,
+    split: Annotated[str, typer.Option(help="The labelled split to score: validation or train.")] = "validation",
+    output_dir: Annotated[
+        Path, typer.Option(help="Where metrics.json, predictions.csv and the plots go.")
+    ] = Path("evaluation"),
+    threshold: Annotated[
+        str, typer.Option(help="P(covid) threshold: a number, 'youden' (maximise Youden's J on this split), "
+                               "or a metrics.json.")
+    ] = "0.5",
+    tta: TtaOption = True,
+    workers: LoaderWorkers = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: InferencePrecision = Precision.auto,
+    train_severity: Annotated[Optional[Path], typer.Option(help="Severity CSV for train.")] = None,
+    validation_severity: Annotated[Optional[Path], typer.Option(help="Severity CSV for validation.")] = None,
+) -> None:
+    """Score models on a labelled split: F1, accuracy, ROC AUC, confusion matrices and plots."""
+    from .evaluate import describe, evaluate as run_evaluation, write_outputs
+
+    with _reported():
+        with _progress_bar("Evaluating") as progress:
+            result = run_evaluation(data, model, split=split, threshold=threshold, tta=tta, workers=workers,
+                                    device=device, precision=precision.value,
+                                    severity_files={"train": train_severity, "validation": validation_severity},
+                                    progress=progress)
+        write_outputs(result, output_dir)
+        m = result.metrics
+        presence = m["presence"]
+        console.print(f"{split}: {m['scans']} scans, threshold {m['threshold']:.4f} ({m['threshold_method']})")
+        console.print(f"presence  macro F1 {describe(presence['macro_f1'])}  accuracy {describe(presence['accuracy'])}"
+                      f"  ROC AUC {describe(presence['roc_auc'])}  F1 non-covid {describe(presence['f1']['non-covid'])}"
+                      f"  covid {describe(presence['f1']['covid'])}", soft_wrap=True)
+        if m["severity"]:
+            severity = m["severity"]
+            per_class = "  ".join(f"{k} {describe(v)}" for k, v in severity["f1"].items())
+            console.print(f"severity  macro F1 {describe(severity['macro_f1'])} over {severity['scans']} scans  "
+                          f"{per_class}", soft_wrap=True)
+        console.print(f"Outputs: {output_dir}")
+        if result.failures:
+            _failure_table(result.failures)
+            raise typer.Exit(1)
+
+
+@app.command()
+def show(
+    scan: Annotated[Path, typer.Argument(help="A scan folder or file.")],
+    output: Annotated[Optional[Path], typer.Option(help="PNG to write (default: <scan name>.png here).")] = None,
+    size: SizeOption = SizeName.small,
+    depth: DepthOption = None,
+    width: WidthOption = None,
+    window: WindowOption = None,
+) -> None:
+    """Save axial, sagittal and coronal sections of a scan after preprocessing, as the model sees it."""
+    from .io import DEFAULT_WINDOW, parse_window
+    from .preprocess import preprocess_volume, resolve_size
+    from .show import render_views
+
+    with _reported():
+        resolved = resolve_size(size.value, depth, width)
+        hu_window = parse_window(window) if window is not None else DEFAULT_WINDOW
+        tensor, meta = preprocess_volume(scan, resolved, hu_window)
+        name = scan.name.split(".")[0] or "scan"
+        target = output or Path(f"{name}.png")
+        render_views(tensor[0].float().numpy(), target,
+                     f"{scan.name}: {meta['slices']} slices of {meta['height']}x{meta['width']} -> {resolved.name}")
+        console.print(f"Saved {target}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

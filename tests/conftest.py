@@ -75,7 +75,10 @@ def slice_scan(tmp_path: Path) -> Path:
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     """A small COV19-CT-DB-style dataset with repeated scan names and severity CSVs."""
-    root = tmp_path / "data"
+    return make_dataset(tmp_path / "data")
+
+
+def make_dataset(root: Path) -> Path:
     rng = np.random.default_rng(0)
 
     def scan(path: Path, depth: int) -> None:
@@ -90,6 +93,18 @@ def dataset(tmp_path: Path) -> Path:
     (root / "train_partition_covid_categories.csv").write_text("Name;Category\nct_scan_0;2\nct_scan_1;4\n")
     (root / "val_partition_covid_categories.csv").write_text("Name,Category\nct_scan_2,1\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory from one epoch of training a tiny-input model (λ = 0.1: both checkpoints)."""
+    from cov3d.train import TrainConfig, train
+
+    base = tmp_path_factory.mktemp("trained")
+    data = make_dataset(base / "data")
+    config = TrainConfig(data=str(data), output=str(base / "run"), pretrained=False, depth=8, width=16, epochs=1,
+                         loader_workers=0, penultimate=16, cache=str(base / "cache"))
+    return train(config).run
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,332 @@
+"""Inference: trained checkpoints → probabilities per scan, with reflection TTA and ensembles.
+
+A model is a run directory (presence from ``presence.pt``, severity from
+``severity.pt``) or one checkpoint file. Each checkpoint carries its own config,
+so the network and its input size are rebuilt from the file alone; ensemble
+members may differ in size and architecture. Scans are read and preprocessed
+in background workers (or taken from an up-to-date cache) while the model runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .catalog import find_scans
+from .data import reflect
+from .errors import Cov3dError
+from .io import natural_key
+from .loss import SEVERITY_NAMES, probabilities
+from .model import build_model
+from .preprocess import (
+    MANIFEST, Size, default_cache_dir, load_cached, preprocess_volume, read_manifest, size_dir, source_stamp,
+)
+from .train import PRESENCE, SEVERITY, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ["scan", "path", "probability", "prediction", "severity", *SEVERITY_NAMES]
+SUBMISSION_FILES = ("covid", "non-covid", *SEVERITY_NAMES)
+
+
+@dataclass
+class Member:
+    """One checkpoint of an ensemble and the tasks it answers for."""
+
+    path: Path
+    model: torch.nn.Module
+    config: dict
+    presence: bool
+    severity: bool
+
+    @property
+    def size(self) -> Size:
+        return Size(int(self.config["depth"]), int(self.config["width"]))
+
+    @property
+    def window(self) -> tuple[float, float]:
+        low, high = self.config.get("window", (-1350.0, 150.0))
+        return float(low), float(high)
+
+
+def _member(path: Path, presence: bool, severity: bool) -> Member:
+    checkpoint = load_checkpoint(path)
+    config = checkpoint["config"]
+    missing = [k for k in ("arch", "depth", "width", "lambda", "outputs") if k not in config]
+    if missing:
+        raise Cov3dError(f"'{path}' is not a cov3d checkpoint (its config lacks {', '.join(missing)})")
+    model = build_model(config["arch"], pretrained=False, penultimate=int(config["penultimate"]),
+                        dropout=float(config["dropout"]))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise Cov3dError(f"'{path}' does not match its own config: {str(error).splitlines()[0]}") from None
+    return Member(path, model.eval(), config, presence, severity)
+
+
+def load_ensemble(paths: Sequence[Path]) -> list[Member]:
+    """Members from run directories and checkpoint files; checks that they agree on their outputs."""
+    if not paths:
+        raise Cov3dError("no model given; pass --model RUN (a run directory or a checkpoint file)")
+    members: list[Member] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            if not (path / PRESENCE).is_file():
+                raise Cov3dError(f"'{path}' is not a cov3d run directory (no {PRESENCE} in it)")
+            members.append(_member(path / PRESENCE, presence=True, severity=False))
+            if (path / SEVERITY).is_file():
+                members.append(_member(path / SEVERITY, presence=False, severity=True))
+        elif path.is_file():
+            if path.name in (PRESENCE, SEVERITY):  # a run's best checkpoint answers for its own task
+                members.append(_member(path, presence=path.name == PRESENCE, severity=path.name == SEVERITY))
+            else:  # any other checkpoint answers for every task it was trained on
+                member = _member(path, presence=True, severity=False)
+                member.severity = float(member.config["lambda"]) > 0.0
+                members.append(member)
+        else:
+            raise Cov3dError(f"model '{path}' does not exist; pass a run directory or a .pt checkpoint")
+    outputs = {tuple(m.config["outputs"]) for m in members}
+    if len(outputs) > 1:
+        raise Cov3dError("the models disagree on their outputs (" + " vs ".join(",".join(o) for o in outputs)
+                         + "); ensemble only cov3d models with the same task outputs")
+    return members
+
+
+def parse_threshold(value: str | float) -> float:
+    """A presence threshold: a number in [0, 1], or a metrics.json written by `cov3d evaluate`."""
+    try:
+        threshold = float(value)
+    except ValueError:
+        path = Path(str(value))
+        if not path.is_file():
+            raise Cov3dError(f"threshold '{value}' is neither a number nor a metrics.json file") from None
+        try:
+            threshold = float(json.loads(path.read_text(encoding="utf-8"))["threshold"])
+        except (ValueError, KeyError, TypeError):
+            raise Cov3dError(f"'{path}' holds no threshold; write it with `cov3d evaluate`") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise Cov3dError(f"threshold {threshold} is outside [0, 1]")
+    return threshold
+
+
+def find_inputs(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Every scan at or below the given paths, and (path, reason) for arguments that hold none."""
+    scans: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            missing.append((str(path), "does not exist"))
+            continue
+        found = [p for p, _ in find_scans(path)]
+        if not found:
+            missing.append((str(path), "holds no scans (numbered slices, DICOM series, or volume files)"))
+        scans.extend(found)
+    unique = list(dict.fromkeys(scans))
+    return unique, missing
+
+
+class _CachedOrFresh(Dataset):
+    """Scans as (1, D, W, W) float32 tensors, from an up-to-date cache entry or preprocessed in memory."""
+
+    def __init__(self, scans: list[Path], size: Size, window: tuple[float, float], roots: list[Path]):
+        self.scans, self.size, self.window = scans, size, window
+        self.cached = _cache_index(scans, size, window, roots)
+
+    def __len__(self) -> int:
+        return len(self.scans)
+
+    def __getitem__(self, index: int):
+        scan = self.scans[index]
+        try:
+            cached = self.cached.get(scan)
+            if cached is not None:
+                return index, load_cached(cached).float(), ""
+            tensor, _ = preprocess_volume(scan, self.size, self.window, threads=1)
+            return index, tensor.float(), ""
+        except Exception as error:  # reported per scan; the other scans go on
+            reason = str(error) if isinstance(error, Cov3dError) else f"{type(error).__name__}: {error}"
+            return index, torch.empty(0), reason
+
+
+def _cache_index(scans: list[Path], size: Size, window: tuple[float, float], roots: list[Path]) -> dict[Path, Path]:
+    """Cache files written by `cov3d preprocess ROOT` that are up to date for these scans, size and window."""
+    entries: dict[Path, tuple[Path, str, str]] = {}  # real scan path -> (cache file, stamp, window)
+    for root in roots:
+        manifest = size_dir(default_cache_dir(root), size) / MANIFEST
+        for row in read_manifest(manifest):
+            entries[(root / row["path"]).resolve()] = (manifest.parent / row["cache"], row.get("stamp", ""),
+                                                        row.get("window", ""))
+    hu_window = f"{window[0]:g},{window[1]:g}"
+    index: dict[Path, Path] = {}
+    for scan in scans:
+        entry = entries.get(scan.resolve())
+        if entry is None:
+            continue
+        cache_file, stamp, row_window = entry
+        if row_window in ("", hu_window) and cache_file.is_file() and stamp == source_stamp(scan):
+            index[scan] = cache_file
+    return index
+
+
+@dataclass
+class Prediction:
+    """One scan's ensemble output."""
+
+    path: Path
+    presence: list[float] = field(default_factory=list)  # P(covid), one per presence member
+    severity: list[np.ndarray] = field(default_factory=list)  # P(mild…critical | covid), one per severity member
+
+
+def _run(members: list[Member], batch: torch.Tensor, tta: bool, device: torch.device, precision: str):
+    if tta:
+        batch = torch.cat([batch, reflect(batch)])
+    batch = batch.to(device)
+    if precision != "fp32" or device.type == "cuda":
+        batch = batch.contiguous(memory_format=torch.channels_last_3d)
+    outputs = []
+    for member in members:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
+            probs = probabilities(member.model(batch).float(), float(member.config["lambda"]))
+        if tta:  # the mean of the scan and its sagittal reflection
+            half = probs.shape[0] // 2
+            probs = (probs[:half] + probs[half:]) / 2
+        outputs.append(probs.cpu())
+    return outputs
+
+
+def resolve_inference_precision(precision: str, device: torch.device) -> str:
+    """'auto': fp16 on CUDA, bf16 with channels_last_3d on CPU (see docs/performance.md for the check)."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "bf16"
+    if precision == "fp16" and device.type != "cuda":
+        raise Cov3dError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return precision
+
+
+def predict_scans(
+    scans: list[Path],
+    members: list[Member],
+    *,
+    tta: bool = True,
+    batch_size: int = 2,
+    workers: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    roots: Sequence[Path] = (),
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[Prediction], list[tuple[str, str]]]:
+    """Ensemble probabilities for every scan; (path, reason) for scans that could not be read."""
+    from .train import resolve_device
+
+    torch_device = resolve_device(device)
+    precision = resolve_inference_precision(precision, torch_device)
+    for member in members:
+        member.model.to(torch_device)
+        if precision != "fp32" or torch_device.type == "cuda":
+            member.model.to(memory_format=torch.channels_last_3d)
+    predictions = [Prediction(scan) for scan in scans]
+    failures: dict[int, str] = {}
+    groups: dict[tuple[Size, tuple[float, float]], list[Member]] = {}
+    for member in members:
+        groups.setdefault((member.size, member.window), []).append(member)
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    total, done = len(scans) * len(groups), 0
+    if progress:
+        progress(0, total)
+    for (size, window), group in groups.items():
+        dataset = _CachedOrFresh(scans, size, window, [Path(r) for r in roots])
+        # batch_size=None: single items; batches are formed below so a failed scan never breaks one.
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
+        pending: list[tuple[int, torch.Tensor]] = []
+
+        def flush() -> None:
+            nonlocal done
+            if not pending:
+                return
+            indices = [i for i, _ in pending]
+            outputs = _run(group, torch.stack([t for _, t in pending]), tta, torch_device, precision)
+            for member, probs in zip(group, outputs):
+                for row, i in enumerate(indices):
+                    if member.presence:
+                        predictions[i].presence.append(float(probs[row, 0]))
+                    if member.severity:
+                        four = probs[row, 2:6].numpy()
+                        predictions[i].severity.append(four / max(float(four.sum()), 1e-12))
+            done += len(pending)
+            pending.clear()
+            if progress:
+                progress(done, total)
+
+        for index, tensor, reason in loader:
+            if reason:
+                failures[index] = reason
+                done += 1
+                continue
+            pending.append((index, tensor))
+            if len(pending) == batch_size:
+                flush()
+        flush()
+    ok = [p for i, p in enumerate(predictions) if i not in failures]
+    return ok, [(str(scans[i]), reason) for i, reason in sorted(failures.items())]
+
+
+def prediction_rows(predictions: list[Prediction], threshold: float = 0.5) -> list[dict]:
+    """CSV rows: scan, path, probability, prediction, severity, mild…critical."""
+    rows = []
+    for p in predictions:
+        probability = float(np.mean(p.presence)) if p.presence else float("nan")
+        row = {"scan": p.path.name, "path": str(p.path), "probability": f"{probability:.6f}",
+               "prediction": "covid" if probability >= threshold else "non-covid", "severity": ""}
+        if p.severity:
+            four = np.mean(p.severity, axis=0)
+            row["severity"] = SEVERITY_NAMES[int(four.argmax())]
+            row.update({name: f"{value:.6f}" for name, value in zip(SEVERITY_NAMES, four)})
+        else:
+            row.update({name: "" for name in SEVERITY_NAMES})
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Write prediction rows with exactly the documented columns (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, path)
+
+
+def write_submission(directory: Path, rows: list[dict]) -> list[Path]:
+    """The challenge lists: covid.csv, non-covid.csv and one file per severity class, names in natural order.
+
+    Every scan goes into covid or non-covid by its prediction, and, when severity
+    was predicted, into the list of its most probable severity class.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lists: dict[str, list[str]] = {name: [] for name in SUBMISSION_FILES}
+    for row in rows:
+        lists[row["prediction"]].append(row["scan"])
+        if row["severity"]:
+            lists[row["severity"]].append(row["scan"])
+    written = []
+    for name, scans in lists.items():
+        path = directory / f"{name}.csv"
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(f"{s}\n" for s in sorted(scans, key=natural_key)), encoding="utf-8")
+        os.replace(temporary, path)
+        written.append(path)
+    return written

@@ -186,6 +186,12 @@ class Prediction:
     severity: list[np.ndarray] = field(default_factory=list)  # P(mild…critical | covid), one per severity member
 
 
+def _forward(member: Member, batch: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
+        return probabilities(member.model(batch).float(), float(member.config["lambda"]))
+
+
 def _run(members: list[Member], batch: torch.Tensor, tta: bool, device: torch.device, precision: str):
     if tta:
         batch = torch.cat([batch, reflect(batch)])
@@ -194,9 +200,11 @@ def _run(members: list[Member], batch: torch.Tensor, tta: bool, device: torch.de
         batch = batch.contiguous(memory_format=torch.channels_last_3d)
     outputs = []
     for member in members:
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
-            probs = probabilities(member.model(batch).float(), float(member.config["lambda"]))
+        probs = _forward(member, batch, device, precision)
+        if precision != "fp32" and not torch.isfinite(probs).all():
+            # Reduced precision overflowed on this batch: answer it in fp32 rather than with NaN.
+            log.warning("non-finite %s output from %s; recomputing the batch in fp32", precision, member.path)
+            probs = _forward(member, batch, device, "fp32")
         if tta:  # the mean of the scan and its sagittal reflection
             half = probs.shape[0] // 2
             probs = (probs[:half] + probs[half:]) / 2

@@ -83,11 +83,15 @@ CacheOption = Annotated[
 ]
 
 
+def _bar(target: Console, transient: bool = False) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=target, transient=transient)
+
+
 @contextmanager
 def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     """A progress callback(done, total) that shows a bar on stderr from its first call on."""
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), console=errors)
+    bar = _bar(errors)
     task = bar.add_task(description, total=None)
 
     def update(done: int, total: int) -> None:
@@ -99,6 +103,15 @@ def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
         yield update
     finally:
         bar.stop()
+
+
+def _failure_table(failures: list[tuple[str, str]], what: str = "scan") -> None:
+    table = Table(title=f"{len(failures)} {what}(s) failed", title_style="bold red")
+    table.add_column(what, overflow="fold")
+    table.add_column("reason", overflow="fold")
+    for path, reason in failures:
+        table.add_row(escape(path), escape(reason))
+    errors.print(table)
 
 
 @app.command()
@@ -136,12 +149,7 @@ def preprocess(
                       f"({report.processed} processed, {report.skipped} already up to date).")
         console.print(f"Manifest: {report.manifest}")
         if report.failures:
-            table = Table(title=f"{len(report.failures)} scan(s) failed", title_style="bold red")
-            table.add_column("scan", overflow="fold")
-            table.add_column("reason", overflow="fold")
-            for path, reason in report.failures:
-                table.add_row(escape(path), escape(reason))
-            errors.print(table)
+            _failure_table(report.failures)
             raise typer.Exit(1)
 
 
@@ -251,8 +259,7 @@ def train(
                           f"valid loss {fmt('valid_loss')}  presence F1 {fmt('presence_f1')}  "
                           f"accuracy {fmt('presence_accuracy')}  severity F1 {fmt('severity_f1')}", soft_wrap=True)
 
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TimeRemainingColumn(), console=console, transient=True)
+        bar = _bar(console, transient=True)
         task = bar.add_task("", total=None)
 
         def batch_progress(phase: Optional[str], done: int, total: int) -> None:
@@ -275,15 +282,6 @@ def train(
         best = ", ".join(f"{name} {score:.4f}" for name, score in result.best.items() if score > float("-inf"))
         console.print(f"Done: {result.epochs_done} epochs. Best {best or 'scores: none'}.")
         console.print(f"Run directory: {result.run}")
-
-
-def _failure_table(failures: list[tuple[str, str]], what: str = "scan") -> None:
-    table = Table(title=f"{len(failures)} {what}(s) failed", title_style="bold red")
-    table.add_column(what, overflow="fold")
-    table.add_column("reason", overflow="fold")
-    for path, reason in failures:
-        table.add_row(escape(path), escape(reason))
-    errors.print(table)
 
 
 ModelOption = Annotated[

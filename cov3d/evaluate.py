@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
+from .atomic import replacing, write_csv, write_text
 from .catalog import catalog
 from .errors import Cov3dError
 from .loss import SEVERITY_NAMES
@@ -113,22 +113,11 @@ def evaluate(
 
 def write_outputs(evaluation: Evaluation, directory: Path) -> list[Path]:
     """metrics.json, predictions.csv, roc.png, presence_confusion.png and severity_confusion.png."""
-    import csv
-
     directory = Path(directory)
+    written = [directory / "metrics.json", directory / "predictions.csv"]
+    write_text(written[0], json.dumps(evaluation.metrics, indent=2) + "\n")
+    write_csv(written[1], [*CSV_COLUMNS, "label", "true_severity"], evaluation.rows)
     directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    metrics_path = directory / "metrics.json"
-    temporary = directory / ".metrics.json.tmp"
-    temporary.write_text(json.dumps(evaluation.metrics, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, metrics_path)
-    written.append(metrics_path)
-    csv_path = directory / "predictions.csv"
-    with csv_path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*CSV_COLUMNS, "label", "true_severity"])
-        writer.writeheader()
-        writer.writerows(evaluation.rows)
-    written.append(csv_path)
     written.extend(_plots(evaluation, directory))
     return written
 
@@ -150,7 +139,8 @@ def _plots(evaluation: Evaluation, directory: Path) -> list[Path]:
                xlim=(0, 1), ylim=(0, 1.01))
         ax.legend(loc="lower right")
         fig.tight_layout()
-        fig.savefig(directory / "roc.png", dpi=120)
+        with replacing(directory / "roc.png") as temporary:
+            fig.savefig(temporary, dpi=120, format="png")
         plt.close(fig)
         written.append(directory / "roc.png")
     matrices = [("presence_confusion.png", evaluation.presence_confusion, PRESENCE_NAMES, "Presence")]
@@ -165,7 +155,8 @@ def _plots(evaluation: Evaluation, directory: Path) -> list[Path]:
         ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
                xlabel="predicted", ylabel="true", title=f"{title} confusion matrix")
         fig.tight_layout()
-        fig.savefig(directory / name, dpi=120)
+        with replacing(directory / name) as temporary:
+            fig.savefig(temporary, dpi=120, format="png")
         plt.close(fig)
         written.append(directory / name)
     return written

@@ -9,7 +9,6 @@ in background workers (or taken from an up-to-date cache) while the model runs.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import atomic
 from .catalog import find_scans
 from .data import reflect
 from .errors import Cov3dError
@@ -307,14 +307,7 @@ def prediction_rows(predictions: list[Prediction], threshold: float = 0.5) -> li
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Write prediction rows with exactly the documented columns (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
+    atomic.write_csv(path, CSV_COLUMNS, rows)
 
 
 def write_submission(directory: Path, rows: list[dict]) -> list[Path]:
@@ -333,8 +326,6 @@ def write_submission(directory: Path, rows: list[dict]) -> list[Path]:
     written = []
     for name, scans in lists.items():
         path = directory / f"{name}.csv"
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text("".join(f"{s}\n" for s in sorted(scans, key=natural_key)), encoding="utf-8")
-        os.replace(temporary, path)
+        atomic.write_text(path, "".join(f"{s}\n" for s in sorted(scans, key=natural_key)))
         written.append(path)
     return written

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import replacing, write_csv
 from .catalog import ScanRecord, catalog
 from .errors import Cov3dError
 from .io import DEFAULT_WINDOW, read_scan
@@ -106,15 +107,10 @@ def cache_name(record_path: str, data: Path) -> str:
     return f"{relative}.pt"
 
 
-def atomic_save(tensor: torch.Tensor, destination: Path) -> None:
+def atomic_save(obj, destination: Path) -> None:
     """torch.save via a temporary file and rename: the destination is whole or absent."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(tensor, temporary)
-        os.replace(temporary, destination)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with replacing(destination) as temporary:
+        torch.save(obj, temporary)
 
 
 def load_cached(path: Path) -> torch.Tensor:
@@ -158,15 +154,7 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
 
 
 def _write_manifest(path: Path, rows: Iterable[dict]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with temporary.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_csv(path, MANIFEST_COLUMNS, rows)
 
 
 def _window_text(record: ScanRecord, window: tuple[float, float]) -> str:

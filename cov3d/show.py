@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import replacing
 
 
 def render_views(volume: np.ndarray, output: Path, title: str = "") -> Path:
@@ -26,10 +27,7 @@ def render_views(volume: np.ndarray, output: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.stem}.tmp.png")
-    fig.savefig(temporary, dpi=100)
+    with replacing(Path(output)) as temporary:
+        fig.savefig(temporary, dpi=100, format="png")
     plt.close(fig)
-    os.replace(temporary, output)
-    return output
+    return Path(output)

@@ -23,6 +23,7 @@ import torch
 from fastcore.foundation import L
 
 from . import __version__
+from .atomic import write_csv, write_text
 from .data import load_splits
 from .errors import Cov3dError
 from .loss import Cov3dLoss
@@ -457,9 +458,7 @@ def _path(value: str | None) -> Path | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _check_new_run(run: Path) -> None:
@@ -490,10 +489,4 @@ def _read_history(path: Path) -> list[dict]:
 
 
 def _truncate_history(path: Path, epochs: int) -> None:
-    rows = [row for row in _read_history(path) if int(row["epoch"]) <= epochs]
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
+    write_csv(path, HISTORY_COLUMNS, [row for row in _read_history(path) if int(row["epoch"]) <= epochs])

@@ -416,5 +416,82 @@ def show(
         console.print(f"Saved {target}")
 
 
+@app.command()
+def synth(
+    output: Annotated[Path, typer.Argument(help="New folder for the synthetic data set.")],
+    scans: Annotated[int, typer.Option(min=10, help="Number of scans (70% train, 20% validation, 10% test).")] = 160,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same data set.")] = 0,
+    width: Annotated[int, typer.Option(min=32, help="Slice width = height in pixels.")] = 128,
+) -> None:
+    """Write a synthetic COV19-CT-DB-style data set of chest CT phantoms (JPEG slices + severity CSVs)."""
+    from .synth import synthesize
+
+    with _reported():
+        with _progress_bar("Generating phantoms") as progress:
+            made = synthesize(output, scans=scans, seed=seed, width=width, progress=progress)
+        covid = sum(s.label == "covid" for s in made)
+        labelled = sum(bool(s.label) for s in made)
+        console.print(f"Wrote {len(made)} scans to {output}: {covid} covid and {labelled - covid} non-covid "
+                      f"in train/validation, {len(made) - labelled} unlabelled in test.")
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option(help="New folder for everything the demo makes.")] = Path("cov3d-demo"),
+    scans: Annotated[int, typer.Option(min=10, help="Synthetic scans to generate.")] = 160,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 12,
+    depth: Annotated[int, typer.Option(min=4, help="Preprocessed depth.")] = 16,
+    width: Annotated[int, typer.Option(min=8, help="Preprocessed width = height.")] = 32,
+    seed: Annotated[int, typer.Option(help="Random seed for data and training.")] = 0,
+) -> None:
+    """Run the whole job offline on synthetic phantoms: synth, preprocess, train, evaluate, predict."""
+    import time
+
+    from .demo import run_demo
+    from .evaluate import describe
+
+    with _reported():
+        start = time.perf_counter()
+        bar = _bar(console, transient=True)
+        task = bar.add_task("", total=None)
+
+        def pause() -> None:
+            if bar.live.is_started:
+                bar.stop()
+
+        def stage(name: str) -> None:
+            pause()
+            console.print(f"[bold]{name}[/] ({time.perf_counter() - start:.0f} s)")
+            bar.reset(task, description=name, total=None)
+
+        def progress(done: int, total: int) -> None:
+            if not bar.live.is_started:
+                bar.start()
+            bar.update(task, completed=done, total=total)
+
+        def epoch(row: dict) -> None:
+            pause()
+            console.print(f"  epoch {row['epoch']:>2}  train loss {float(row['train_loss']):.4f}  valid loss "
+                          f"{float(row['valid_loss']):.4f}  presence F1 {describe(row['presence_f1'])}  "
+                          f"severity F1 {describe(row['severity_f1'])}", soft_wrap=True)
+
+        try:
+            result = run_demo(output, scans=scans, epochs=epochs, depth=depth, width=width, seed=seed, stage=stage,
+                              progress=progress, on_epoch=epoch)
+        finally:
+            pause()
+        m = result.evaluation.metrics
+        severity = m["severity"]["macro_f1"] if m["severity"] else None
+        console.print(f"[bold]Validation[/] ({m['scans']} scans): presence macro F1 "
+                      f"{describe(m['presence']['macro_f1'])}, accuracy {describe(m['presence']['accuracy'])}, "
+                      f"ROC AUC {describe(m['presence']['roc_auc'])}; severity macro F1 {describe(severity)}",
+                      soft_wrap=True)
+        console.print(f"Done in {time.perf_counter() - start:.0f} s. Outputs:")
+        for label, path in [("synthetic data", result.data), ("trained run", result.run),
+                            ("evaluation", result.evaluation_dir), ("test predictions", result.predictions),
+                            ("submission lists", result.submission)]:
+            console.print(f"  {label:<17} {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

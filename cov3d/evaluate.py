@@ -15,7 +15,7 @@ from .atomic import replacing, write_csv, write_text
 from .catalog import catalog
 from .errors import Cov3dError
 from .loss import SEVERITY_NAMES
-from .predict import CSV_COLUMNS, load_ensemble, predict_scans, prediction_rows
+from .predict import CSV_COLUMNS, load_ensemble, parse_threshold, predict_scans, prediction_rows
 
 PRESENCE_NAMES = ("non-covid", "covid")
 
@@ -55,8 +55,6 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> Evaluation:
     """Predict the labelled scans of `split` and score them against their labels."""
-    from .predict import parse_threshold
-
     data = Path(data)
     records = [r for r in catalog(data, severity_files) if r.split == split and r.label]
     if not records:
@@ -117,7 +115,6 @@ def write_outputs(evaluation: Evaluation, directory: Path) -> list[Path]:
     written = [directory / "metrics.json", directory / "predictions.csv"]
     write_text(written[0], json.dumps(evaluation.metrics, indent=2) + "\n")
     write_csv(written[1], [*CSV_COLUMNS, "label", "true_severity"], evaluation.rows)
-    directory.mkdir(parents=True, exist_ok=True)
     written.extend(_plots(evaluation, directory))
     return written
 

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from . import atomic
 from .catalog import find_scans
 from .data import reflect
-from .errors import Cov3dError
-from .io import natural_key
+from .errors import Cov3dError, describe_error
+from .io import DEFAULT_WINDOW, natural_key
 from .loss import SEVERITY_NAMES, probabilities
 from .model import build_model
 from .preprocess import (
@@ -54,7 +54,7 @@ class Member:
 
     @property
     def window(self) -> tuple[float, float]:
-        low, high = self.config.get("window", (-1350.0, 150.0))
+        low, high = self.config.get("window", DEFAULT_WINDOW)
         return float(low), float(high)
 
 
@@ -153,8 +153,7 @@ class _CachedOrFresh(Dataset):
             tensor, _ = preprocess_volume(scan, self.size, self.window, threads=1)
             return index, tensor.float(), ""
         except Exception as error:  # reported per scan; the other scans go on
-            reason = str(error) if isinstance(error, Cov3dError) else f"{type(error).__name__}: {error}"
-            return index, torch.empty(0), reason
+            return index, torch.empty(0), describe_error(error)
 
 
 def _cache_index(scans: list[Path], size: Size, window: tuple[float, float], roots: list[Path]) -> dict[Path, Path]:
@@ -192,11 +191,12 @@ def _forward(member: Member, batch: torch.Tensor, device: torch.device, precisio
         return probabilities(member.model(batch).float(), float(member.config["lambda"]))
 
 
-def _run(members: list[Member], batch: torch.Tensor, tta: bool, device: torch.device, precision: str):
+def _run(members: list[Member], batch: torch.Tensor, tta: bool, device: torch.device, precision: str,
+         channels_last: bool):
     if tta:
         batch = torch.cat([batch, reflect(batch)])
     batch = batch.to(device)
-    if precision != "fp32" or device.type == "cuda":
+    if channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last_3d)
     outputs = []
     for member in members:
@@ -238,9 +238,11 @@ def predict_scans(
 
     torch_device = resolve_device(device)
     precision = resolve_inference_precision(precision, torch_device)
+    # channels_last_3d is the fast layout for reduced precision on CPU and for any GPU work.
+    channels_last = precision != "fp32" or torch_device.type == "cuda"
     for member in members:
         member.model.to(torch_device)
-        if precision != "fp32" or torch_device.type == "cuda":
+        if channels_last:
             member.model.to(memory_format=torch.channels_last_3d)
     predictions = [Prediction(scan) for scan in scans]
     failures: dict[int, str] = {}
@@ -262,7 +264,7 @@ def predict_scans(
             if not pending:
                 return
             indices = [i for i, _ in pending]
-            outputs = _run(group, torch.stack([t for _, t in pending]), tta, torch_device, precision)
+            outputs = _run(group, torch.stack([t for _, t in pending]), tta, torch_device, precision, channels_last)
             for member, probs in zip(group, outputs):
                 for row, i in enumerate(indices):
                     if member.presence:

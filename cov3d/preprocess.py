@@ -24,7 +24,7 @@ import torch
 
 from .atomic import replacing, write_csv
 from .catalog import ScanRecord, catalog
-from .errors import Cov3dError
+from .errors import Cov3dError, describe_error
 from .io import DEFAULT_WINDOW, read_scan
 from .resample import SIZES, finish
 
@@ -176,10 +176,6 @@ def _work(source: str, destination: str, size: Size, window: tuple[float, float]
     return meta
 
 
-def _describe(error: BaseException) -> str:
-    return str(error) if isinstance(error, Cov3dError) else f"{type(error).__name__}: {error}"
-
-
 def preprocess_dataset(
     data: Path,
     size: Size,
@@ -238,7 +234,7 @@ def preprocess_dataset(
         nonlocal done
         record, cache_file, window_text, stamp = job
         if isinstance(result, BaseException):
-            report.failures.append((record.path, _describe(result)))
+            report.failures.append((record.path, describe_error(result)))
             log.debug("scan %s failed", record.path, exc_info=result)
             rows.pop(record.path, None)
         else:

@@ -26,6 +26,7 @@ from . import __version__
 from .atomic import write_csv, write_text
 from .data import load_splits
 from .errors import Cov3dError
+from .io import DEFAULT_WINDOW
 from .loss import Cov3dLoss
 from .metrics import validation_scores
 from .model import build_model
@@ -65,7 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda[:N]
     loader_workers: int | None = None
     cache: str | None = None
-    window: tuple[float, float] = (-1350.0, 150.0)
+    window: tuple[float, float] = DEFAULT_WINDOW
     train_severity: str | None = None
     validation_severity: str | None = None
     wandb: bool = False

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from preprocess import make_scan  # noqa: E402  (the synthetic JPEG scan of the preprocessing benchmark)
 
 from cov3d.loss import probabilities  # noqa: E402
-from cov3d.model import build_model  # noqa: E402
+from cov3d.archs import build_model  # noqa: E402
 from cov3d.predict import Member, load_ensemble, predict_scans  # noqa: E402
 from cov3d.preprocess import resolve_size  # noqa: E402
 

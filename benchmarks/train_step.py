@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader
 
 from cov3d.data import ScanDataset
 from cov3d.loss import Cov3dLoss
-from cov3d.model import build_model
-from cov3d.preprocess import atomic_save, resolve_size
+from cov3d.archs import build_model
+from cov3d.atomic import save_torch
+from cov3d.preprocess import resolve_size
 
 
 def step_time(size, device: torch.device, mixed: bool, steps: int, batch: int) -> tuple[float, float]:
@@ -68,7 +69,7 @@ def loader_rate(size, batch: int, workers: int, batches: int) -> float:
         files = []
         for index in range(batch * batches):
             path = Path(tmp) / f"{index}.pt"
-            atomic_save(torch.rand(1, size.depth, size.width, size.width).half(), path)
+            save_torch(torch.rand(1, size.depth, size.width, size.width).half(), path)
             files.append(path)
         loader = DataLoader(ScanDataset(files, [0, 1] * (len(files) // 2), flip=True), batch_size=batch,
                             num_workers=workers, shuffle=True)

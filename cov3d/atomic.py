@@ -38,3 +38,11 @@ def write_csv(path: Path, columns: list[str], rows: Iterable[dict]) -> None:
             writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save via a temporary file and rename: the destination is whole or absent."""
+    import torch  # here, so that plain-file writers need not load torch
+
+    with replacing(path) as temporary:
+        torch.save(obj, temporary)

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .archs import ARCHS, arch_help
 from .errors import Cov3dError
 
 app = typer.Typer(
@@ -24,8 +25,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-errors = Console(stderr=True)
+# soft_wrap: lines are never broken by rich, so paths in logs stay whole (the terminal wraps them on screen).
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 
 class SizeName(str, Enum):
@@ -106,6 +108,12 @@ def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
 
 
 def _failure_table(failures: list[tuple[str, str]], what: str = "scan") -> None:
+    if not errors.is_terminal:
+        # A log or a pipe: one unbroken line per failure, so a path can be found with grep.
+        errors.print(f"{len(failures)} {what}(s) failed:", style="bold red")
+        for path, reason in failures:
+            errors.print(f"  {escape(path)}: {escape(reason)}", highlight=False)
+        return
     table = Table(title=f"{len(failures)} {what}(s) failed", title_style="bold red")
     table.add_column(what, overflow="fold")
     table.add_column("reason", overflow="fold")
@@ -153,10 +161,13 @@ def preprocess(
             raise typer.Exit(1)
 
 
-class Arch(str, Enum):
-    r3d_18 = "r3d_18"
-    mc3_18 = "mc3_18"
-    r2plus1d_18 = "r2plus1d_18"
+# The --arch choices come from the architecture registry (cov3d/archs.py).
+Arch = Enum("Arch", {name: name for name in ARCHS}, type=str)
+
+
+class Pool(str, Enum):
+    avg = "avg"
+    max = "max"
 
 
 class Precision(str, Enum):
@@ -181,12 +192,20 @@ def train(
     lam: Annotated[
         float, typer.Option("--lambda", help="Weight of the severity loss: (1-λ)·presence + λ·severity, in [0, 1].")
     ] = 0.1,
-    arch: Annotated[Arch, typer.Option(help="torchvision video ResNet to start from.")] = Arch.r3d_18,
+    arch: Annotated[
+        Arch, typer.Option(help=f"{arch_help()}.", metavar="NAME")
+    ] = Arch["r3d_18"],
     pretrained: Annotated[
-        bool, typer.Option("--pretrained/--no-pretrained", help="Start from Kinetics-400 weights.")
-    ] = True,
+        Optional[bool],
+        typer.Option("--pretrained/--no-pretrained",
+                     help="Start from Kinetics-400 (3D) or ImageNet (2D) weights (default: yes where they exist; "
+                          "the 3D RegNets train from scratch)."),
+    ] = None,
     weights: Annotated[
-        Optional[Path], typer.Option(help="Local copy of the Kinetics-400 checkpoint (instead of downloading it).")
+        Optional[list[Path]],
+        typer.Option(metavar="PATH",
+                     help="Local copy of the pretrained checkpoint (instead of downloading it); for res-dense "
+                          "give it twice: ResNet101's, then DenseNet121's."),
     ] = None,
     size: SizeOption = SizeName.small,
     depth: DepthOption = None,
@@ -199,11 +218,27 @@ def train(
     severity_smoothing: Annotated[
         float, typer.Option(help="Label smoothing ε_s shared among neighbouring severity classes.")
     ] = 0.0,
-    dropout: Annotated[float, typer.Option(help="Dropout after each residual layer and in the head.")] = 0.5,
+    dropout: Annotated[
+        float, typer.Option(help="Dropout in the head; for the video ResNets also after each residual layer.")
+    ] = 0.5,
     penultimate: Annotated[int, typer.Option(min=1, help="Width of the head's hidden layer.")] = 512,
+    pool: Annotated[
+        Pool, typer.Option(help="Global pooling before the head: avg (the paper) or max (the paper author's code).")
+    ] = Pool.avg,
+    final_bias: Annotated[
+        bool, typer.Option("--final-bias/--no-final-bias",
+                           help="Bias on the final layer (the paper; its author's code has none).")
+    ] = True,
     flip: Annotated[
         bool, typer.Option("--flip/--no-flip", help="Randomly reflect training scans through the sagittal plane.")
     ] = True,
+    crop: Annotated[
+        float, typer.Option(help="Random crop (seed 004): keep at least this fraction of each axis, resize back; "
+                                 "1 = off.")
+    ] = 1.0,
+    slices: Annotated[
+        int, typer.Option(min=0, help="2D slice models: train on this many random slices per scan a step (0: all).")
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
     precision: Annotated[
         Precision, typer.Option(help="auto: fp16 mixed precision on CUDA, fp32 on CPU; or fp32, bf16, fp16.")
@@ -224,7 +259,7 @@ def train(
         Optional[WandbMode], typer.Option(help="W&B mode (default: $WANDB_MODE, else online).")
     ] = None,
 ) -> None:
-    """Train a Cov3d model on presence and severity with the combined loss; keep the best weights per task."""
+    """Train a model on presence and severity with the combined loss; keep the best weights per task."""
     import time
 
     from .io import DEFAULT_WINDOW, parse_window
@@ -237,10 +272,10 @@ def train(
         run = output or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         config = TrainConfig(
             data=str(data), output=str(run), arch=arch.value, pretrained=pretrained,
-            weights=str(weights) if weights else None, size=size.value, depth=depth, width=width, lam=lam,
+            weights=[str(w) for w in weights or []], size=size.value, depth=depth, width=width, lam=lam,
             presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing, dropout=dropout,
-            penultimate=penultimate, lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs,
-            flip=flip, seed=seed, precision=precision.value, device=device, loader_workers=loader_workers,
+            penultimate=penultimate, pool=pool.value, final_bias=final_bias, lr=lr, weight_decay=weight_decay,
+            batch_size=batch_size, epochs=epochs, flip=flip, crop=crop, slices=slices, seed=seed, precision=precision.value, device=device, loader_workers=loader_workers,
             cache=str(cache) if cache else None,
             window=parse_window(window) if window is not None else DEFAULT_WINDOW,
             train_severity=str(train_severity) if train_severity else None,

@@ -1,4 +1,8 @@
-"""Datasets over the preprocessed cache: labelled splits, targets, and the sagittal reflection."""
+"""Datasets over the preprocessed cache: labelled splits, targets, and training augmentation.
+
+Augmentation (training split only): the paper's random sagittal reflection, and
+seed 004's random crop, off by default so that the paper's recipe is unchanged.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .errors import Cov3dError
@@ -18,19 +23,38 @@ def reflect(volume: torch.Tensor) -> torch.Tensor:
     return volume.flip(-1)
 
 
-class ScanDataset(Dataset):
-    """Cached scans with integer targets; optionally reflected at random (training only)."""
+def random_crop(volume: torch.Tensor, scale: float) -> torch.Tensor:
+    """A random box of a (C, D, H, W) volume, resized back to its shape by trilinear interpolation (seed 004).
 
-    def __init__(self, files: list[Path], targets: list[int], flip: bool = False):
+    Each axis keeps a fraction drawn uniformly from [scale, 1], independently for
+    depth, height and width, and the box sits anywhere inside the volume with
+    equal chance. scale = 1 returns the volume unchanged.
+    """
+    if scale >= 1.0:
+        return volume
+    shape = volume.shape[1:]
+    box = []
+    for length in shape:
+        keep = max(1, round(length * (scale + (1.0 - scale) * float(torch.rand(())))))
+        start = int(torch.randint(0, length - keep + 1, ()))
+        box.append(slice(start, start + keep))
+    cropped = volume[:, box[0], box[1], box[2]]
+    return F.interpolate(cropped[None], size=tuple(shape), mode="trilinear", align_corners=False)[0]
+
+
+class ScanDataset(Dataset):
+    """Cached scans with integer targets; optionally cropped and reflected at random (training only)."""
+
+    def __init__(self, files: list[Path], targets: list[int], flip: bool = False, crop: float = 1.0):
         self.files = list(files)
         self.targets = torch.as_tensor(targets, dtype=torch.long)
-        self.flip = flip
+        self.flip, self.crop = flip, crop
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        volume = load_cached(self.files[index]).float()
+        volume = random_crop(load_cached(self.files[index]).float(), self.crop)
         if self.flip and torch.rand(()) < 0.5:
             volume = reflect(volume)
         return volume, self.targets[index]
@@ -64,8 +88,8 @@ def _count(targets: list[int]) -> dict[str, int]:
     }
 
 
-def load_splits(manifest: Path, flip: bool = True) -> Splits:
-    """Training (reflected at random when `flip`) and validation datasets from a manifest.csv."""
+def load_splits(manifest: Path, flip: bool = True, crop: float = 1.0) -> Splits:
+    """Training (reflected at random when `flip`, cropped when `crop` < 1) and validation datasets."""
     manifest = Path(manifest)
     rows = read_manifest(manifest)
     train_files, train_targets = _labelled(rows, "train", manifest.parent)
@@ -83,7 +107,7 @@ def load_splits(manifest: Path, flip: bool = True) -> Splits:
                 raise Cov3dError(f"the {split} split has no {label} scans; both classes are needed "
                                  f"in {split}/covid and {split}/non-covid")
     return Splits(
-        train=ScanDataset(train_files, train_targets, flip=flip),
+        train=ScanDataset(train_files, train_targets, flip=flip, crop=crop),
         valid=ScanDataset(valid_files, valid_targets, flip=False),
         weights=class_weights(train_targets),
         counts=counts,

@@ -9,6 +9,8 @@ so presence is ``target >= 1`` and every item carries its own label type.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,7 +81,16 @@ class Cov3dLoss(nn.Module):
         return self.per_item(logits, target).mean()
 
     def per_item(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The loss of each item, before the batch mean."""
+        """The loss of each item, before the batch mean.
+
+        `logits` is (B, 6), or (B, S, 6) per-slice logits of a 2D slice model in
+        training: every slice carries its scan's target (seeds 000 and 003), and an
+        item's loss is the mean of its slices' losses.
+        """
+        if logits.ndim == 3:
+            items, slices = logits.shape[:2]
+            per_slice = self.per_item(logits.reshape(items * slices, -1), target.repeat_interleave(slices))
+            return per_slice.view(items, slices).mean(dim=1)
         logits = logits.float()  # stable under autocast
         target = target.long()
         positive = target >= MILD
@@ -118,4 +129,20 @@ def probabilities(logits: torch.Tensor, lam: float) -> torch.Tensor:
     logits = logits.float()
     severity = F.softmax(logits[:, 1:6], dim=1)
     presence = severity[:, MILD:].sum(dim=1) if lam >= 1.0 else torch.sigmoid(logits[:, 0])
+    return torch.cat([presence[:, None], severity], dim=1)
+
+
+def slice_mean_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(B, S, 6) per-slice logits → (B, 6) logits whose probabilities are the mean of the slices' (seed 000 §4).
+
+    The presence logit is log(mean σ) − log(mean (1 − σ)) and the severity
+    logits are log(mean softmax), computed in log space so that no probability
+    is clipped: :func:`probabilities` of the result equals the mean of
+    :func:`probabilities` over the slices, whatever λ.
+    """
+    logits = logits.float()
+    slices = logits.shape[1]
+    z = logits[..., 0]
+    presence = torch.logsumexp(F.logsigmoid(z), dim=1) - torch.logsumexp(F.logsigmoid(-z), dim=1)
+    severity = torch.logsumexp(F.log_softmax(logits[..., 1:6], dim=-1), dim=1) - math.log(slices)
     return torch.cat([presence[:, None], severity], dim=1)

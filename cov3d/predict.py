@@ -25,12 +25,13 @@ from .catalog import find_scans
 from .data import reflect
 from .errors import Cov3dError, describe_error
 from .io import DEFAULT_WINDOW, natural_key
+from .archs import memory_format
+from .checkpoint import PRESENCE, SEVERITY, load_model
 from .loss import SEVERITY_NAMES, probabilities
-from .model import build_model
 from .preprocess import (
     MANIFEST, Size, default_cache_dir, load_cached, preprocess_volume, read_manifest, size_dir, source_stamp,
 )
-from .train import PRESENCE, SEVERITY, load_checkpoint
+from .runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +60,8 @@ class Member:
 
 
 def _member(path: Path, presence: bool, severity: bool) -> Member:
-    checkpoint = load_checkpoint(path)
-    config = checkpoint["config"]
-    missing = [k for k in ("arch", "depth", "width", "lambda", "outputs") if k not in config]
-    if missing:
-        raise Cov3dError(f"'{path}' is not a cov3d checkpoint (its config lacks {', '.join(missing)})")
-    model = build_model(config["arch"], pretrained=False, penultimate=int(config["penultimate"]),
-                        dropout=float(config["dropout"]))
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise Cov3dError(f"'{path}' does not match its own config: {str(error).splitlines()[0]}") from None
-    return Member(path, model.eval(), config, presence, severity)
+    model, config = load_model(path)
+    return Member(path, model, config, presence, severity)
 
 
 def load_ensemble(paths: Sequence[Path]) -> list[Member]:
@@ -234,8 +225,6 @@ def predict_scans(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Ensemble probabilities for every scan; (path, reason) for scans that could not be read."""
-    from .train import resolve_device
-
     torch_device = resolve_device(device)
     precision = resolve_inference_precision(precision, torch_device)
     # channels_last_3d is the fast layout for reduced precision on CPU and for any GPU work.
@@ -243,7 +232,7 @@ def predict_scans(
     for member in members:
         member.model.to(torch_device)
         if channels_last:
-            member.model.to(memory_format=torch.channels_last_3d)
+            member.model.to(memory_format=memory_format(member.config["arch"]))
     predictions = [Prediction(scan) for scan in scans]
     failures: dict[int, str] = {}
     groups: dict[tuple[Size, tuple[float, float]], list[Member]] = {}

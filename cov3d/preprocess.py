@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import replacing, write_csv
+from .atomic import save_torch, write_csv
 from .catalog import ScanRecord, catalog
 from .errors import Cov3dError, describe_error
 from .io import DEFAULT_WINDOW, read_scan
@@ -107,12 +107,6 @@ def cache_name(record_path: str, data: Path) -> str:
     return f"{relative}.pt"
 
 
-def atomic_save(obj, destination: Path) -> None:
-    """torch.save via a temporary file and rename: the destination is whole or absent."""
-    with replacing(destination) as temporary:
-        torch.save(obj, temporary)
-
-
 def load_cached(path: Path) -> torch.Tensor:
     """A cached scan tensor (1, D, H, W) float16; loads no pickled code."""
     return torch.load(path, weights_only=True)
@@ -172,7 +166,7 @@ def _work(source: str, destination: str, size: Size, window: tuple[float, float]
     """One scan, in a worker process: preprocess and save; return its metadata."""
     torch.set_num_threads(threads)
     tensor, meta = preprocess_volume(Path(source), size, window, threads)
-    atomic_save(tensor, Path(destination))
+    save_torch(tensor, Path(destination))
     return meta
 
 

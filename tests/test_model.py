@@ -5,11 +5,11 @@ import torch
 
 from cov3d._torchvision import import_torchvision
 from cov3d.errors import Cov3dError
-from cov3d.model import ARCHS, build_model
+from cov3d.archs import ARCHS, build_model
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_architectures_take_one_channel_and_give_six_outputs(arch):
+@pytest.mark.parametrize("arch", ["r3d_18", "mc3_18", "r2plus1d_18"])
+def test_video_resnets_take_one_channel_and_give_six_outputs(arch):
     model = build_model(arch, pretrained=False, penultimate=32).eval()
     with torch.no_grad():
         out = model(torch.rand(2, 1, 8, 16, 16))
@@ -35,7 +35,7 @@ def test_local_kinetics_weights_are_loaded_with_summed_stem(tmp_path):
     reference = r3d_18(weights=None).state_dict()
     path = tmp_path / "r3d_18-kinetics.pth"
     torch.save(reference, path)
-    model = build_model("r3d_18", weights_path=path)
+    model = build_model("r3d_18", weights=[path])
     torch.testing.assert_close(model.stem[0].weight, reference["stem.0.weight"].sum(dim=1, keepdim=True))
     torch.testing.assert_close(model.layer3[0][0].conv1[0].weight, reference["layer3.0.conv1.0.weight"])
 
@@ -54,15 +54,15 @@ def test_unavailable_pretrained_weights_stop_with_both_remedies(monkeypatch):
 
 def test_weights_file_errors(tmp_path):
     with pytest.raises(Cov3dError, match="does not exist"):
-        build_model("r3d_18", weights_path=tmp_path / "missing.pth")
+        build_model("r3d_18", weights=[tmp_path / "missing.pth"])
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(Cov3dError, match="is not a torch state dict"):
-        build_model("r3d_18", weights_path=tmp_path / "junk.pth")
+        build_model("r3d_18", weights=[tmp_path / "junk.pth"])
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(Cov3dError, match="weights do not fit r3d_18"):
-        build_model("r3d_18", weights_path=tmp_path / "other.pth")
+        build_model("r3d_18", weights=[tmp_path / "other.pth"])
 
 
 def test_unknown_architecture():
-    with pytest.raises(Cov3dError, match="architecture 'resnet50'"):
-        build_model("resnet50", pretrained=False)
+    with pytest.raises(Cov3dError, match="architecture 'resnet18' is not one of r3d_18, "):
+        build_model("resnet18", pretrained=False)

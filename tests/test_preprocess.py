@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import SHARED_DICOM, write_slices
 
+from cov3d.atomic import save_torch
 from cov3d.errors import Cov3dError
 from cov3d.preprocess import (
-    MANIFEST_COLUMNS, Size, atomic_save, default_cache_dir, load_cached, preprocess_dataset,
+    MANIFEST_COLUMNS, Size, default_cache_dir, load_cached, preprocess_dataset,
     read_manifest, resolve_size,
 )
 
@@ -115,9 +116,9 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(dataset, tmp_path, m
     assert (resumed.processed, resumed.skipped) == (4, 2)
 
 
-def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+def test_save_torch_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     target = tmp_path / "x.pt"
-    atomic_save(torch.ones(2), target)
+    save_torch(torch.ones(2), target)
 
     def boom(obj, f):
         with open(f, "wb") as handle:
@@ -126,7 +127,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError):
-        atomic_save(torch.zeros(2), target)
+        save_torch(torch.zeros(2), target)
     monkeypatch.undo()
     torch.testing.assert_close(load_cached(target), torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]

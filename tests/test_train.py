@@ -9,8 +9,10 @@ from typer.testing import CliRunner
 import cov3d.loss
 from cov3d.cli import app
 from cov3d.errors import Cov3dError
-from cov3d.model import Cov3dNet, build_model
-from cov3d.train import TrainConfig, load_checkpoint, train
+from cov3d.archs import build_model
+from cov3d.checkpoint import load_checkpoint
+from cov3d.model import Cov3dNet
+from cov3d.train import TrainConfig, train
 
 runner = CliRunner()
 TINY = ["--no-pretrained", "--depth", "8", "--width", "16", "--loader-workers", "0", "--penultimate", "16"]

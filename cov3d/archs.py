@@ -1,0 +1,213 @@
+"""The architecture registry: name → builder, pretrained weights, input kind, source.
+
+Every system cov3d offers is one :class:`Arch` entry; `--arch` choices, its help,
+`docs/architectures.md` (checked by a test) and the checkpoint loader all read
+this table. Importing it loads neither torch nor torchvision: builders import
+what they need when called, so `cov3d --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import Cov3dError
+
+VOLUME, SLICES = "volume", "slices"
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture: how to build it and what it starts from."""
+
+    name: str
+    input: str  # VOLUME: (B, 1, D, H, W) 3D convolutions; SLICES: a 2D CNN over each of the D slices
+    weights: tuple[str, ...]  # torchvision weights per component, "module.Enum.MEMBER" under torchvision.models
+    components: tuple[str, ...]  # what each of `weights` is for, in the order --weights files are given
+    build: Callable[..., Any]  # build(states: list[dict] | None, **options) -> nn.Module
+    source: str  # the seed paper it comes from
+    summary: str
+
+    @property
+    def pretrained_by_default(self) -> bool:
+        return bool(self.weights)
+
+    @property
+    def weights_name(self) -> str:
+        return "Kinetics-400" if self.input == VOLUME else "ImageNet"
+
+
+def _video(name: str):
+    def build(states, **options):
+        from ._torchvision import import_torchvision
+        from .model import video_resnet
+
+        import_torchvision()
+        from torchvision.models import video
+
+        return video_resnet(getattr(video, name), states[0] if states else None, name, **options)
+
+    return build
+
+
+def _regnet(blocks: tuple[int, ...], widths: tuple[int, ...], group_width: int = 8, bottleneck_ratio: float = 1.0):
+    def build(states, **options):
+        from .regnet import RegNet3d
+
+        return RegNet3d(blocks, widths, group_width, bottleneck_ratio, **options)
+
+    return build
+
+
+def _resnet2d(depth: int):
+    def build(states, **options):
+        from .slices import resnet_slices
+
+        return resnet_slices(depth, states[0] if states else None, **options)
+
+    return build
+
+
+def _densenet2d(states, **options):
+    from .slices import densenet_slices
+
+    return densenet_slices(states[0] if states else None, **options)
+
+
+def _res_dense(states, **options):
+    from .slices import res_dense_slices
+
+    resnet, densenet = states if states else (None, None)
+    return res_dense_slices(resnet, densenet, **options)
+
+
+_KINETICS = "Kinetics-400 video ResNet from torchvision"
+ARCHS: dict[str, Arch] = {a.name: a for a in [
+    Arch("r3d_18", VOLUME, ("video.R3D_18_Weights.KINETICS400_V1",), ("r3d_18",), _video("r3d_18"),
+         "seed 002 (Cov3d)", f"{_KINETICS}, 3D convolutions throughout: the paper's model"),
+    Arch("mc3_18", VOLUME, ("video.MC3_18_Weights.KINETICS400_V1",), ("mc3_18",), _video("mc3_18"),
+         "seed 002 (Cov3d) variant", f"{_KINETICS}, 3D convolutions in the stem only, then 2D"),
+    Arch("r2plus1d_18", VOLUME, ("video.R2Plus1D_18_Weights.KINETICS400_V1",), ("r2plus1d_18",),
+         _video("r2plus1d_18"), "seed 002 (Cov3d) variant", f"{_KINETICS}, (2+1)D factorised convolutions"),
+    Arch("regnet3d", VOLUME, (), (), _regnet((2, 6, 12, 4), (48, 128, 256, 512)), "seed 004 (3D RegNet)",
+         "3D RegNet, blocks [2,6,12,4], widths [48,128,256,512], group width 8, bottleneck 1: the seed's best"),
+    Arch("regnet3d-shallow", VOLUME, (), (), _regnet((1, 3, 7, 4), (48, 128, 256, 512)), "seed 004 (3D RegNet)",
+         "3D RegNet, blocks [1,3,7,4], widths [48,128,256,512], group width 8: the seed's shallower row"),
+    Arch("regnet3d-wide", VOLUME, (), (), _regnet((2, 6, 12, 4), (64, 128, 256, 512)), "seed 004 (3D RegNet)",
+         "3D RegNet, blocks [2,6,12,4], widths [64,128,256,512], group width 8: the seed's wider row"),
+    Arch("resnet50", SLICES, ("ResNet50_Weights.IMAGENET1K_V2",), ("resnet50",), _resnet2d(50),
+         "seed 003 (2D CNN)", "ImageNet ResNet-50 on each slice; scan = mean of slice probabilities"),
+    Arch("resnet101", SLICES, ("ResNet101_Weights.IMAGENET1K_V2",), ("resnet101",), _resnet2d(101),
+         "seed 000 (Res-Dense Net) backbone", "ImageNet ResNet-101 on each slice"),
+    Arch("densenet121", SLICES, ("DenseNet121_Weights.IMAGENET1K_V1",), ("densenet121",), _densenet2d,
+         "seed 000 (Res-Dense Net) backbone", "ImageNet DenseNet-121 on each slice"),
+    Arch("res-dense", SLICES, ("ResNet101_Weights.IMAGENET1K_V2", "DenseNet121_Weights.IMAGENET1K_V1"),
+         ("resnet101", "densenet121"), _res_dense, "seed 000 (Res-Dense Net)",
+         "ResNet-101 and DenseNet-121 feature maps projected to 1024 channels and added, on each slice"),
+]}
+
+
+def get_arch(name: str) -> Arch:
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise Cov3dError(f"architecture '{name}' is not one of {', '.join(ARCHS)}") from None
+
+
+def arch_help() -> str:
+    """`--arch`'s help: the architectures by input kind."""
+    volume = ", ".join(a.name for a in ARCHS.values() if a.input == VOLUME)
+    slices = ", ".join(a.name for a in ARCHS.values() if a.input == SLICES)
+    return f"3D on the volume: {volume}. 2D on each slice: {slices}. See docs/architectures.md"
+
+
+def _weights_enum(spec: str):
+    from ._torchvision import import_torchvision
+
+    obj: Any = import_torchvision().models
+    for part in spec.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _pretrained_state(arch: Arch, index: int, path: Path | None) -> dict:
+    """One component's pretrained state dict: from a local file, else through torchvision's weights API."""
+    import urllib.error
+
+    import torch
+
+    weights = _weights_enum(arch.weights[index])
+    component = arch.components[index]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise Cov3dError(f"weights file '{path}' does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # any unpickling or format failure means the same to the user
+            raise Cov3dError(f"weights file '{path}' is not a torch state dict ({type(error).__name__}); "
+                             f"use the {arch.weights_name} checkpoint {weights.url}") from None
+        return state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        # Downloads into the torch hub cache the first time, then reads it from there.
+        return weights.get_state_dict(progress=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as error:
+        raise Cov3dError(
+            f"pretrained {component} {arch.weights_name} weights could not be loaded ({error}); download "
+            f"{weights.url} and pass it with --weights PATH, or train from scratch with --no-pretrained"
+        ) from None
+
+
+def resolve_pretrained(arch: str, pretrained: bool | None, weights_files: int = 0) -> bool:
+    """Whether `arch` starts from pretrained weights; None means its default. Checks the --weights count."""
+    spec = get_arch(arch)
+    if pretrained is None:
+        pretrained = spec.pretrained_by_default
+    if pretrained:
+        if not spec.weights:
+            raise Cov3dError(f"no pretrained weights exist for --arch {arch}; it trains from scratch: "
+                             "leave out --pretrained, or pass --no-pretrained")
+        if weights_files and weights_files != len(spec.weights):
+            raise Cov3dError(f"--arch {arch} takes {len(spec.weights)} --weights file(s) "
+                             f"({', then '.join(spec.components)}), got {weights_files}")
+    elif weights_files:
+        raise Cov3dError("--weights was given with --no-pretrained; drop one of them")
+    return pretrained
+
+
+def build_model(
+    arch: str = "r3d_18",
+    *,
+    pretrained: bool | None = None,
+    weights: Sequence[Path] = (),
+    penultimate: int = 512,
+    dropout: float = 0.5,
+    pool: str = "avg",
+    final_bias: bool = True,
+    slices: int = 0,
+):
+    """Build a cov3d network: (B, 1, D, H, W) → (B, 6).
+
+    `pretrained=None` takes the architecture's default (pretrained when weights
+    exist). Pretrained weights come from the local `weights` files (one per
+    component, in the order of ``Arch.components``) or through torchvision's
+    weights API; when they cannot be had this stops, never silently random.
+    """
+    spec = get_arch(arch)
+    weights = [Path(w) for w in weights]
+    states = None
+    if resolve_pretrained(arch, pretrained, len(weights)):
+        states = [_pretrained_state(spec, i, weights[i] if weights else None) for i in range(len(spec.weights))]
+    options: dict[str, Any] = dict(penultimate=penultimate, dropout=dropout, pool=pool, final_bias=final_bias)
+    if spec.input == SLICES:
+        options["slices"] = slices
+    return spec.build(states, **options)
+
+
+def memory_format(arch: str):
+    """The fast layout for this architecture's parameters: channels_last_3d for 3D, channels_last for 2D."""
+    import torch
+
+    return torch.channels_last_3d if get_arch(arch).input == VOLUME else torch.channels_last

@@ -1,0 +1,184 @@
+"""fastai callbacks of a cov3d training run; each does one thing.
+
+Orders: StopOnNaN 5, Autocast 10, ChannelsLast 11, ValidationScores 45 (before
+fastai's Recorder at 50 and everything that reads the scores), BestCheckpoint
+70, History 75, LastCheckpoint 80, EpochReport 90, BatchProgress 95.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from fastai.callback.core import Callback, CancelFitException
+
+from .checkpoint import save_checkpoint
+from .metrics import validation_scores
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "presence_f1", "presence_accuracy", "severity_f1", "lr"]
+
+
+class ValidationScores(Callback):
+    """Macro F1 and accuracy on the whole validation split, recorded in `learn.scores` each epoch."""
+
+    order = 45
+
+    def __init__(self, lam: float):
+        self.lam = lam
+
+    def before_epoch(self):
+        # None until validated: epochs skipped on --resume still fire after_epoch in fastai.
+        self.learn.scores = None
+
+    def before_validate(self):
+        self.outputs, self.targets = [], []
+
+    def after_batch(self):
+        if not self.training:
+            self.outputs.append(self.pred.detach().float().cpu())
+            self.targets.append(self.y.detach().cpu())
+
+    def after_validate(self):
+        if self.outputs:
+            self.learn.scores = validation_scores(torch.cat(self.outputs), torch.cat(self.targets), self.lam)
+
+
+class StopOnNaN(Callback):
+    """Stop training when the loss stops being finite; remember the epoch."""
+
+    order = 5
+
+    def __init__(self):
+        self.epoch_failed: int | None = None
+
+    def after_loss(self):
+        if self.training and not torch.isfinite(self.loss):
+            self.epoch_failed = self.epoch + 1
+            raise CancelFitException()
+
+
+class BestCheckpoint(Callback):
+    """Save the weights whenever a validation score improves on its best so far."""
+
+    order = 70
+
+    def __init__(self, metric: str, path: Path, config: dict, best: float = -math.inf):
+        self.metric, self.file, self.config, self.best = metric, path, config, best
+
+    def after_epoch(self):
+        if self.learn.scores is None:
+            return
+        score = self.learn.scores.get(self.metric, math.nan)
+        if not math.isnan(score) and score > self.best:
+            self.best = score
+            save_checkpoint(self.file, self.model, self.config, epoch=self.epoch + 1, metric=self.metric, score=score)
+            log.info("epoch %d: best %s %.4f, saved %s", self.epoch + 1, self.metric, score, self.file.name)
+
+
+class History(Callback):
+    """Append each epoch's losses, scores and learning rate to history.csv."""
+
+    order = 75
+
+    def __init__(self, path: Path, columns: list[str] = HISTORY_COLUMNS):
+        self.file, self.columns = path, columns
+
+    def after_epoch(self):
+        if self.learn.scores is None:
+            return
+        names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
+        values = dict(zip(names, self.recorder.values[-1]))
+        row = {"epoch": self.epoch + 1, "train_loss": values.get("train_loss"),
+               "valid_loss": values.get("valid_loss"), **self.learn.scores, "lr": self.opt.hypers[-1]["lr"]}
+        new = not self.file.exists()
+        with self.file.open("a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        self.learn.last_row = row
+
+
+class LastCheckpoint(Callback):
+    """Save model, optimizer and progress after every epoch so that --resume can continue."""
+
+    order = 80
+
+    def __init__(self, path: Path, config: dict, best: dict[str, BestCheckpoint]):
+        self.file, self.config, self.best = path, config, best
+
+    def after_epoch(self):
+        if self.learn.scores is None:
+            return
+        optimizer = self.opt.state_dict()
+        # fastai keeps the hyper-parameters in fastcore's L; a plain list is what weights_only loading accepts.
+        optimizer = {"state": optimizer["state"], "hypers": list(optimizer["hypers"])}
+        save_checkpoint(self.file, self.model, self.config, epoch=self.epoch + 1, optimizer=optimizer,
+                        best={name: cb.best for name, cb in self.best.items()})
+
+
+class Autocast(Callback):
+    """Mixed precision with torch.autocast on CPU or CUDA (fastai's own callback is CUDA-only)."""
+
+    order = 10
+
+    def __init__(self, device_type: str, dtype: torch.dtype):
+        self.device_type, self.dtype = device_type, dtype
+
+    def before_batch(self):
+        self.context = torch.autocast(self.device_type, dtype=self.dtype)
+        self.context.__enter__()
+
+    def after_pred(self):
+        self.learn.pred = self.pred.float()
+        self.context.__exit__(None, None, None)
+
+    def after_cancel_batch(self):
+        if getattr(self, "context", None) is not None:
+            self.context.__exit__(None, None, None)
+
+
+class ChannelsLast(Callback):
+    """Feed volumes as channels_last_3d, the fast layout for convolutions on GPUs."""
+
+    order = 11
+
+    def before_batch(self):
+        self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last_3d) for x in self.xb)
+
+
+class EpochReport(Callback):
+    """Hand each epoch's history row to a function (the CLI's progress line, W&B)."""
+
+    order = 90
+
+    def __init__(self, report: Callable[[dict], None]):
+        self.report = report
+
+    def after_epoch(self):
+        if self.learn.scores is not None:
+            self.report(self.learn.last_row)
+
+
+class BatchProgress(Callback):
+    """Report (phase, batches done, batches in the phase) as training and validation proceed."""
+
+    order = 95
+
+    def __init__(self, report: Callable[[str | None, int, int], None]):
+        self.report = report
+
+    def before_train(self):
+        self.report(f"epoch {self.epoch + 1} train", 0, len(self.dl))
+
+    def before_validate(self):
+        self.report(f"epoch {self.epoch + 1} valid", 0, len(self.dl))
+
+    def after_batch(self):
+        self.report(None, self.iter + 1, len(self.dl))

@@ -1,0 +1,85 @@
+"""The checkpoint format, shared by training (writes) and inference (reads).
+
+A run directory holds ``presence.pt`` and ``severity.pt`` (best validation macro
+F1 of each task), ``last.pt`` (the latest epoch with optimizer state, for
+``--resume``), ``config.json`` and ``history.csv``. A checkpoint is a dict of
+tensors and plain values, ``{"model": state_dict, "config": model config, …}``,
+loaded with ``torch.load(weights_only=True)`` so that no pickled code runs. Its
+model config holds everything needed to rebuild the network from the file alone.
+
+Format 1 (cov3d 0.1) had no ``pool``, ``final_bias`` or ``input`` keys; they
+default to the paper's average pooling and final bias, and a 3D input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .archs import build_model, get_arch
+from .atomic import save_torch
+from .errors import Cov3dError
+
+PRESENCE, SEVERITY, LAST = "presence.pt", "severity.pt", "last.pt"
+CONFIG, HISTORY = "config.json", "history.csv"
+FORMAT = 2
+OUTPUT_NAMES = ["presence", "non-covid", "mild", "moderate", "severe", "critical"]
+REQUIRED = ("arch", "depth", "width", "lambda", "outputs")
+
+
+def model_config(*, arch: str, depth: int, width: int, lam: float, window: tuple[float, float],
+                 penultimate: int, dropout: float, pool: str, final_bias: bool) -> dict:
+    """What `predict` needs to rebuild the model and read its outputs."""
+    return {"format": FORMAT, "arch": arch, "input": get_arch(arch).input, "penultimate": penultimate,
+            "dropout": dropout, "pool": pool, "final_bias": final_bias, "depth": depth, "width": width,
+            "lambda": lam, "window": list(window), "outputs": list(OUTPUT_NAMES)}
+
+
+def plain(value):
+    """Tensors on the CPU and plain Python containers and numbers: what weights_only loading accepts."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):  # fastai keeps some hyper-parameters as NumPy scalars
+        return value.item()
+    return value
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, config: dict, **extra) -> None:
+    save_torch(plain({"model": model.state_dict(), "config": config, **extra}), path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A cov3d checkpoint as a dict: model state, config and bookkeeping; no pickled code is run."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a wrong or damaged file of any kind
+        raise Cov3dError(f"'{path}' is not a cov3d checkpoint ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise Cov3dError(f"'{path}' is not a cov3d checkpoint (no model and config inside)")
+    return checkpoint
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
+    """The network of a checkpoint, in eval mode, and its model config (format 1 and 2)."""
+    checkpoint = load_checkpoint(path)
+    config = dict(checkpoint["config"])
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise Cov3dError(f"'{path}' is not a cov3d checkpoint (its config lacks {', '.join(missing)})")
+    config.setdefault("pool", "avg")
+    config.setdefault("final_bias", True)
+    config["input"] = get_arch(config["arch"]).input
+    model = build_model(config["arch"], pretrained=False, penultimate=int(config["penultimate"]),
+                        dropout=float(config["dropout"]), pool=str(config["pool"]),
+                        final_bias=bool(config["final_bias"]))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise Cov3dError(f"'{path}' does not match its own config: {str(error).splitlines()[0]}") from None
+    return model.eval(), config

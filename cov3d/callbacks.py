@@ -1,8 +1,10 @@
 """fastai callbacks of a cov3d training run; each does one thing.
 
-Orders: StopOnNaN 5, Autocast 10, ChannelsLast 11, ValidationScores 45 (before
-fastai's Recorder at 50 and everything that reads the scores), BestCheckpoint
-70, History 75, LastCheckpoint 80, EpochReport 90, BatchProgress 95.
+Orders: StopOnNaN 5, Autocast 10, ChannelsLast 11, PreciseBatchNorm 20 (after
+fastai's TrainEvalCallback puts the model in eval mode), ValidationScores 45
+(before fastai's Recorder at 50 and everything that reads the scores),
+BestCheckpoint 70, History 75, HistoryPlot 76, LastCheckpoint 80, EpochReport
+90, BatchProgress 95.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import csv
 import logging
 import math
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 
 import torch
 from fastai.callback.core import Callback, CancelFitException
+from torch import nn
 
 from .checkpoint import save_checkpoint
 from .metrics import validation_scores
@@ -47,6 +51,45 @@ class ValidationScores(Callback):
     def after_validate(self):
         if self.outputs:
             self.learn.scores = validation_scores(torch.cat(self.outputs), torch.cat(self.targets), self.lam)
+
+
+class PreciseBatchNorm(Callback):
+    """Before each validation, re-estimate every BatchNorm's running statistics on training batches.
+
+    BatchNorm's running averages lag weights that change fast (a high learning
+    rate over few batches an epoch) and are noisy at batch size 2, so evaluation
+    mode can see statistics that no longer fit the weights: validation collapses
+    to one class while the training loss falls. Here the statistics are reset
+    and measured again as the plain mean over up to `batches` training batches,
+    with the current weights, BatchNorm in training mode and everything else
+    (dropout) in evaluation mode, without gradients. Validation, and the
+    checkpoints written after it, then use these statistics.
+    """
+
+    order = 20
+
+    def __init__(self, batches: int, channels_last: bool = False):
+        self.batches, self.channels_last = batches, channels_last
+
+    def before_validate(self):
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms or self.batches < 1:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+            m.train()
+        try:
+            with torch.no_grad():
+                for xb, _ in islice(self.dls.train, self.batches):
+                    if self.channels_last:
+                        xb = xb.contiguous(memory_format=torch.channels_last_3d)
+                    self.model(xb)
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+                m.eval()
 
 
 class StopOnNaN(Callback):
@@ -103,6 +146,25 @@ class History(Callback):
                 writer.writeheader()
             writer.writerow(row)
         self.learn.last_row = row
+
+
+class HistoryPlot(Callback):
+    """Redraw history.png (losses, F1, learning rate per epoch) from history.csv after each epoch."""
+
+    order = 76
+
+    def __init__(self, history: Path, image: Path):
+        self.history, self.image = history, image
+
+    def after_epoch(self):
+        if self.learn.scores is None:
+            return
+        from .curves import plot_history
+
+        try:
+            plot_history(self.history, self.image)
+        except (OSError, ValueError) as error:  # a picture must never stop training
+            log.warning("could not draw %s: %s", self.image, error)
 
 
 class LastCheckpoint(Callback):

@@ -23,7 +23,7 @@ from .atomic import save_torch
 from .errors import Cov3dError
 
 PRESENCE, SEVERITY, LAST = "presence.pt", "severity.pt", "last.pt"
-CONFIG, HISTORY = "config.json", "history.csv"
+CONFIG, HISTORY, HISTORY_PLOT = "config.json", "history.csv", "history.png"
 FORMAT = 2
 OUTPUT_NAMES = ["presence", "non-covid", "mild", "moderate", "severe", "critical"]
 REQUIRED = ("arch", "depth", "width", "lambda", "outputs")

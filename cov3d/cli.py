@@ -165,6 +165,11 @@ def preprocess(
 Arch = Enum("Arch", {name: name for name in ARCHS}, type=str)
 
 
+class SeverityWeights(str, Enum):
+    presence = "presence"
+    inverse = "inverse"
+
+
 class Pool(str, Enum):
     avg = "avg"
     max = "max"
@@ -210,17 +215,30 @@ def train(
     size: SizeOption = SizeName.small,
     depth: DepthOption = None,
     width: WidthOption = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 40,
-    batch_size: Annotated[int, typer.Option(min=1, help="Scans per batch.")] = 2,
-    lr: Annotated[float, typer.Option(help="Maximum learning rate of the one-cycle schedule.")] = 1e-4,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs (default: 40).")] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option(min=1, help="Scans per batch (default: 2 fine-tuning, 8 from scratch).")
+    ] = None,
+    lr: Annotated[
+        Optional[float],
+        typer.Option(help="Maximum learning rate of the one-cycle schedule (default: 1e-4 fine-tuning, "
+                          "1e-3 from scratch)."),
+    ] = None,
     weight_decay: Annotated[float, typer.Option(help="Weight decay of Adam.")] = 1e-5,
     presence_smoothing: Annotated[float, typer.Option(help="Label smoothing ε_p of the presence targets.")] = 0.1,
     severity_smoothing: Annotated[
         float, typer.Option(help="Label smoothing ε_s shared among neighbouring severity classes.")
     ] = 0.0,
+    severity_weights: Annotated[
+        SeverityWeights,
+        typer.Option(help="Weights of the severity loss: presence (each scan's presence class weight, the "
+                          "paper's eq. 4-5) or inverse (inverse frequency of each severity category).")
+    ] = SeverityWeights.presence,
     dropout: Annotated[
-        float, typer.Option(help="Dropout in the head; for the video ResNets also after each residual layer.")
-    ] = 0.5,
+        Optional[float],
+        typer.Option(help="Dropout in the head; for the video ResNets also after each residual layer "
+                          "(default: 0.5 fine-tuning, 0 from scratch).")
+    ] = None,
     penultimate: Annotated[int, typer.Option(min=1, help="Width of the head's hidden layer.")] = 512,
     pool: Annotated[
         Pool, typer.Option(help="Global pooling before the head: avg (the paper) or max (the paper author's code).")
@@ -232,6 +250,10 @@ def train(
     flip: Annotated[
         bool, typer.Option("--flip/--no-flip", help="Randomly reflect training scans through the sagittal plane.")
     ] = True,
+    bn_scans: Annotated[
+        int, typer.Option(min=0, help="Re-estimate BatchNorm statistics on this many training scans before each "
+                                      "validation (precise BN); 0: off.")
+    ] = 200,
     crop: Annotated[
         float, typer.Option(help="Random crop (seed 004): keep at least this fraction of each axis, resize back; "
                                  "1 = off.")
@@ -273,17 +295,18 @@ def train(
         config = TrainConfig(
             data=str(data), output=str(run), arch=arch.value, pretrained=pretrained,
             weights=[str(w) for w in weights or []], size=size.value, depth=depth, width=width, lam=lam,
-            presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing, dropout=dropout,
+            presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing,
+            severity_weights=severity_weights.value, bn_scans=bn_scans, dropout=dropout,
             penultimate=penultimate, pool=pool.value, final_bias=final_bias, lr=lr, weight_decay=weight_decay,
-            batch_size=batch_size, epochs=epochs, flip=flip, crop=crop, slices=slices, seed=seed, precision=precision.value, device=device, loader_workers=loader_workers,
-            cache=str(cache) if cache else None,
+            batch_size=batch_size, epochs=epochs, flip=flip, crop=crop, slices=slices, seed=seed,
+            precision=precision.value, device=device, loader_workers=loader_workers, cache=str(cache) if cache else None,
             window=parse_window(window) if window is not None else DEFAULT_WINDOW,
             train_severity=str(train_severity) if train_severity else None,
             validation_severity=str(validation_severity) if validation_severity else None,
             wandb=wandb, wandb_project=wandb_project, wandb_entity=wandb_entity,
             wandb_mode=wandb_mode.value if wandb_mode else None,
         )
-        config.validate()
+        config.with_recipe().validate()
 
         def epoch_line(row: dict) -> None:
             def fmt(key: str) -> str:
@@ -428,19 +451,32 @@ def evaluate(
 
 @app.command()
 def show(
-    scan: Annotated[Path, typer.Argument(help="A scan folder or file.")],
-    output: Annotated[Optional[Path], typer.Option(help="PNG to write (default: <scan name>.png here).")] = None,
+    scan: Annotated[
+        Path, typer.Argument(help="A scan folder or file; or a training run directory, to draw its curves.")
+    ],
+    output: Annotated[
+        Optional[Path],
+        typer.Option(help="PNG to write (default: <scan name>.png here; for a run, RUN/history.png)."),
+    ] = None,
     size: SizeOption = SizeName.small,
     depth: DepthOption = None,
     width: WidthOption = None,
     window: WindowOption = None,
 ) -> None:
-    """Save axial, sagittal and coronal sections of a scan after preprocessing, as the model sees it."""
-    from .io import DEFAULT_WINDOW, parse_window
-    from .preprocess import preprocess_volume, resolve_size
-    from .show import render_views
+    """Save sections of a scan as the model sees it, or the training curves of a run directory."""
+    from .checkpoint import HISTORY, HISTORY_PLOT
 
     with _reported():
+        if scan.is_dir() and (scan / HISTORY).is_file():
+            from .curves import plot_history
+
+            target = plot_history(scan / HISTORY, output or scan / HISTORY_PLOT)
+            console.print(f"Saved {target}")
+            return
+        from .io import DEFAULT_WINDOW, parse_window
+        from .preprocess import preprocess_volume, resolve_size
+        from .show import render_views
+
         resolved = resolve_size(size.value, depth, width)
         hu_window = parse_window(window) if window is not None else DEFAULT_WINDOW
         tensor, meta = preprocess_volume(scan, resolved, hu_window)

@@ -42,6 +42,24 @@ def class_weights(targets: list[int] | torch.Tensor) -> tuple[float, float]:
     return total / (2 * negatives), total / (2 * positives)
 
 
+SEVERITY_WEIGHTINGS = ("presence", "inverse")
+
+
+def severity_class_weights(targets: list[int] | torch.Tensor) -> tuple[float, ...]:
+    """Inverse-frequency weights of the six target categories (the paper author's code): N / (K · N_c).
+
+    Categories: non-covid, mild, moderate, severe, critical, covid of unknown
+    severity; K counts those present in the training split, so the weights
+    average 1 over its scans. A category absent from training gets weight 0
+    (nothing in training carries it).
+    """
+    targets = torch.as_tensor(targets)
+    counts = torch.bincount(targets, minlength=COVID_UNKNOWN + 1)[: COVID_UNKNOWN + 1].tolist()
+    present = sum(1 for n in counts if n)
+    total = sum(counts)
+    return tuple(total / (present * n) if n else 0.0 for n in counts)
+
+
 def neighbour_smoothing(epsilon: float, classes: int = 5) -> torch.Tensor:
     """Target distributions (row = true class) with ε shared among adjacent classes only.
 
@@ -64,11 +82,14 @@ class Cov3dLoss(nn.Module):
     ℓ_covid is BCE on the presence logit with targets 1 − ε_p / ε_p; ℓ_severity is
     cross entropy over the five severity classes with neighbour label smoothing
     ε_s, or −log Σ_{c=1..4} s_c for covid scans of unknown severity. Both are
-    weighted by the item's class weight w_i.
+    weighted by the item's presence class weight w_i (eq. 4–5 as the paper
+    states them), unless `severity_weights` gives the severity term its own
+    weight per target category (see :func:`severity_class_weights`).
     """
 
     def __init__(self, lam: float = 0.1, weights: tuple[float, float] = (1.0, 1.0),
-                 presence_smoothing: float = 0.1, severity_smoothing: float = 0.0):
+                 presence_smoothing: float = 0.1, severity_smoothing: float = 0.0,
+                 severity_weights: tuple[float, ...] | None = None):
         super().__init__()
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lambda must be within [0, 1], got {lam}")
@@ -76,6 +97,8 @@ class Cov3dLoss(nn.Module):
         self.presence_smoothing = presence_smoothing
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
         self.register_buffer("smoothing", neighbour_smoothing(severity_smoothing))
+        self.register_buffer("severity_weights", None if severity_weights is None
+                             else torch.tensor(severity_weights, dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.per_item(logits, target).mean()
@@ -107,7 +130,8 @@ class Cov3dLoss(nn.Module):
             labelled = -(soft * log_s).sum(dim=1)
             unlabelled = -torch.logsumexp(log_s[:, MILD:], dim=1)
             severity = torch.where(target == COVID_UNKNOWN, unlabelled, labelled)
-            loss = loss + self.lam * w * severity
+            w_s = w if self.severity_weights is None else self.severity_weights[target]
+            loss = loss + self.lam * w_s * severity
         return loss
 
     def activation(self, logits: torch.Tensor) -> torch.Tensor:

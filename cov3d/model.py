@@ -61,8 +61,12 @@ def load_component(module: nn.Module, state: dict[str, torch.Tensor], what: str)
     try:
         module.load_state_dict(state)
     except RuntimeError as error:
-        raise Cov3dError(f"weights do not fit {what}: {str(error).splitlines()[0]}; "
-                         f"give the pretrained checkpoint of {what}") from None
+        # torch's message is a header line, then one line per kind of mismatch: show the first kind.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__
+        if len(detail) > 200:
+            detail = detail[:200] + "…"
+        raise Cov3dError(f"weights do not fit {what} ({detail}); give the pretrained checkpoint of {what}") from None
 
 
 class Cov3dNet(nn.Module):

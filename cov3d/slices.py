@@ -24,7 +24,7 @@ from .model import OUTPUTS, cov3d_head, global_pool, load_component, one_channel
 log = logging.getLogger(__name__)
 
 # torchvision's published DenseNet weights name some layers 'norm.1' where the module has 'norm1'.
-_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12])\.(weight|bias|running_mean|running_var)$")
+_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12])\.([^.]+)$")
 
 
 class SliceNet(nn.Module):

@@ -27,19 +27,27 @@ from fastcore.foundation import L
 from .archs import SLICES, build_model, get_arch, memory_format, resolve_pretrained
 from .atomic import write_csv, write_text
 from .callbacks import (
-    HISTORY_COLUMNS, Autocast, BatchProgress, BestCheckpoint, ChannelsLast, EpochReport, History, LastCheckpoint,
-    StopOnNaN, ValidationScores,
+    HISTORY_COLUMNS, Autocast, BatchProgress, BestCheckpoint, ChannelsLast, EpochReport, History, HistoryPlot,
+    LastCheckpoint, PreciseBatchNorm, StopOnNaN, ValidationScores,
 )
-from .checkpoint import CONFIG, HISTORY, LAST, PRESENCE, SEVERITY, load_checkpoint, model_config
+from .checkpoint import CONFIG, HISTORY, HISTORY_PLOT, LAST, PRESENCE, SEVERITY, load_checkpoint, model_config
 from .data import Splits, load_splits
 from .errors import Cov3dError
 from .io import DEFAULT_WINDOW
-from .loss import Cov3dLoss
+from .loss import SEVERITY_WEIGHTINGS, Cov3dLoss, severity_class_weights
 from .model import POOLS
 from .preprocess import preprocess_dataset, resolve_size
-from .runtime import resolve_device, seed_everything, versions
+from .runtime import guard_cpu_bf16_conv3d, resolve_device, seed_everything, versions
 
 log = logging.getLogger(__name__)
+
+# Options a run takes from its recipe unless given. Fine-tuning pretrained weights: the paper's values
+# (§3.4-3.5). From scratch (no pretrained weights, or none exist): measured on the demo's phantoms, see
+# docs/training.md. Epochs stay the paper's for both.
+RECIPES: dict[str, dict[str, float | int]] = {
+    "fine-tune": {"lr": 1e-4, "batch_size": 2, "dropout": 0.5, "epochs": 40},
+    "scratch": {"lr": 1e-3, "batch_size": 8, "dropout": 0.0, "epochs": 40},
+}
 
 
 @dataclass
@@ -57,14 +65,16 @@ class TrainConfig:
     lam: float = 0.1
     presence_smoothing: float = 0.1
     severity_smoothing: float = 0.0
-    dropout: float = 0.5
+    severity_weights: str = "presence"  # "presence": each item's presence class weight (eq. 4-5); "inverse"
+    dropout: float | None = None  # None: from the recipe (RECIPES), as are lr, batch_size and epochs
     penultimate: int = 512
     pool: str = "avg"  # the paper's text; the paper author's code uses "max"
     final_bias: bool = True  # the paper's text; the paper author's code has no final bias
-    lr: float = 1e-4
+    lr: float | None = None
     weight_decay: float = 1e-5
-    batch_size: int = 2
-    epochs: int = 40
+    batch_size: int | None = None
+    epochs: int | None = None
+    bn_scans: int = 200  # precise BatchNorm: training scans measured before each validation; 0 = off
     flip: bool = True
     crop: float = 1.0  # seed 004's random crop: smallest kept fraction of each axis; 1 = off
     slices: int = 0  # 2D slice models: slices sampled per scan in a training step; 0 = all
@@ -82,8 +92,24 @@ class TrainConfig:
     wandb_mode: str | None = None
     resolved: dict = field(default_factory=dict)  # filled in by train(): sizes, weights, versions…
 
+    @property
+    def recipe(self) -> str:
+        """'fine-tune' from pretrained weights, else 'scratch'."""
+        pretrained = resolve_pretrained(self.arch, self.pretrained, len(self.weights))
+        return "fine-tune" if pretrained else "scratch"
+
+    def with_recipe(self) -> TrainConfig:
+        """This config with lr, batch size, dropout and epochs taken from its recipe where not given."""
+        for name, value in RECIPES[self.recipe].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        return self
+
     def validate(self) -> None:
         spec = get_arch(self.arch)
+        missing = [name for name in RECIPES["scratch"] if getattr(self, name) is None]
+        if missing:
+            raise Cov3dError(f"{', '.join(missing)} not set; call TrainConfig.with_recipe() first")
         if not 0.0 <= self.lam <= 1.0:
             raise Cov3dError(f"--lambda {self.lam} is outside [0, 1]; 0 trains presence only, 1 severity only")
         for name in ("presence_smoothing", "severity_smoothing", "dropout"):
@@ -102,6 +128,11 @@ class TrainConfig:
             raise Cov3dError(f"--crop {self.crop} must be within (0, 1]; 1 turns cropping off")
         if self.slices < 0:
             raise Cov3dError(f"--slices {self.slices} must be 0 (all slices) or more")
+        if self.severity_weights not in SEVERITY_WEIGHTINGS:
+            raise Cov3dError(f"--severity-weights {self.severity_weights} is not one of "
+                             f"{', '.join(SEVERITY_WEIGHTINGS)}")
+        if self.bn_scans < 0:
+            raise Cov3dError(f"--bn-scans {self.bn_scans} must be 0 (off) or more")
         if self.slices and spec.input != SLICES:
             raise Cov3dError(f"--slices applies to 2D slice models only, not --arch {self.arch}; leave it out")
         resolve_pretrained(self.arch, self.pretrained, len(self.weights))
@@ -159,11 +190,17 @@ def prepare_data(config: TrainConfig, on_preprocess: Callable[[int, int], None] 
         raise Cov3dError(f"{len(report.failures)} scan(s) could not be preprocessed ({listed}); "
                          "run `cov3d preprocess` to see them all, then fix or remove them")
     splits = load_splits(report.manifest, flip=config.flip, crop=config.crop)
+    if len(splits.train) < config.batch_size:
+        # fastai drops the last incomplete training batch: a smaller split would train on nothing.
+        raise Cov3dError(f"the training split has {len(splits.train)} scans, fewer than --batch-size "
+                         f"{config.batch_size}; give a --batch-size of at most {len(splits.train)}")
     loader_workers = config.loader_workers if config.loader_workers is not None else min(4, os.cpu_count() or 1)
     config.resolved = {
         "depth": size.depth, "width": size.width, "size_name": size.name, "manifest": str(report.manifest),
-        "input": get_arch(config.arch).input,
+        "input": get_arch(config.arch).input, "recipe": config.recipe,
         "class_weights": {"non-covid": splits.weights[0], "covid": splits.weights[1]},
+        "severity_class_weights": dict(zip(["non-covid", "mild", "moderate", "severe", "critical", "unknown"],
+                                           severity_class_weights(splits.train.targets))),
         "counts": splits.counts, "device": str(device), "precision": precision,
         "loader_workers": loader_workers, "versions": versions(),
     }
@@ -178,6 +215,8 @@ def make_model(config: TrainConfig, resume: bool = False) -> torch.nn.Module:
                         final_bias=config.final_bias, slices=config.slices)
     if config.resolved["device"].startswith("cuda"):
         model = model.to(memory_format=memory_format(config.arch))
+    elif config.resolved["precision"] == "bf16":
+        guard_cpu_bf16_conv3d(model)
     return model
 
 
@@ -207,7 +246,10 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
         log.info("lambda is 1: presence is read from the severity probabilities")
     nan_guard = StopOnNaN()
     callbacks = [ValidationScores(config.lam), nan_guard, *best.values(), History(run / HISTORY),
-                 LastCheckpoint(run / LAST, checkpoint_config, best)]
+                 HistoryPlot(run / HISTORY, run / HISTORY_PLOT), LastCheckpoint(run / LAST, checkpoint_config, best)]
+    if config.bn_scans:
+        callbacks.append(PreciseBatchNorm(math.ceil(config.bn_scans / config.batch_size),
+                                          channels_last=device.type == "cuda"))
     if precision == "bf16":  # fp16 goes through fastai's MixedPrecision below, which adds loss scaling
         callbacks.append(Autocast(device.type, torch.bfloat16))
     if device.type == "cuda":
@@ -216,7 +258,10 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
         callbacks.append(EpochReport(on_epoch))
     if on_batch:
         callbacks.append(BatchProgress(on_batch))
-    loss = Cov3dLoss(config.lam, splits.weights, config.presence_smoothing, config.severity_smoothing)
+    severity_weights = (severity_class_weights(splits.train.targets) if config.severity_weights == "inverse"
+                        else None)
+    loss = Cov3dLoss(config.lam, splits.weights, config.presence_smoothing, config.severity_smoothing,
+                     severity_weights)
     learn = Learner(dls, model, loss_func=loss, opt_func=Adam, lr=config.lr, wd=config.weight_decay,
                     cbs=callbacks, path=run, model_dir=".")
     if hasattr(learn, "progress"):  # fastai's console bar; progress goes through on_batch instead
@@ -275,7 +320,8 @@ def _new_run(run: Path, config: TrainConfig) -> TrainConfig:
     if (run / LAST).exists() or (run / PRESENCE).exists():
         raise Cov3dError(f"'{run}' already holds a training run; continue it with --resume, "
                          "or choose another --output")
-    # Record the value actually used, not "the architecture's default".
+    # Record the values actually used, not "the architecture's default" or "the recipe's".
+    config.with_recipe()
     config.pretrained = resolve_pretrained(config.arch, config.pretrained, len(config.weights))
     return config
 

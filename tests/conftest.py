@@ -103,7 +103,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("trained")
     data = make_dataset(base / "data")
     config = TrainConfig(data=str(data), output=str(base / "run"), pretrained=False, depth=8, width=16, epochs=1,
-                         loader_workers=0, penultimate=16, cache=str(base / "cache"))
+                         batch_size=2, loader_workers=0, penultimate=16, cache=str(base / "cache"))
     return train(config).run
 
 

@@ -125,3 +125,27 @@ def test_lambda_one_presence_is_the_severity_sum():
     probs = probabilities(logits(), lam=1.0)
     soft = torch.softmax(torch.tensor(Z), 0)
     assert float(probs[0, 0]) == pytest.approx(float(soft[1:].sum()))
+
+
+def test_inverse_frequency_severity_weights_on_hand_made_counts():
+    from cov3d.loss import severity_class_weights
+
+    # 4 non-covid, 2 mild, 1 severe, 1 unknown; no moderate or critical: K = 4 categories, N = 8
+    targets = [0, 0, 0, 0, 1, 1, 3, COVID_UNKNOWN]
+    assert severity_class_weights(targets) == pytest.approx((8 / 16, 8 / 8, 0.0, 8 / 4, 0.0, 8 / 4))
+    weights = severity_class_weights(targets)
+    assert sum(weights[t] for t in targets) / len(targets) == pytest.approx(1.0)
+
+
+def test_severity_term_takes_its_own_weights_when_given():
+    ws = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0)
+    loss = Cov3dLoss(1.0, W, severity_weights=ws)
+    plain = Cov3dLoss(1.0, (1.0, 1.0))
+    for target in (0, 2, COVID_UNKNOWN):
+        t = torch.tensor([target])
+        assert float(loss(logits(), t)) == pytest.approx(ws[target] * float(plain(logits(), t)), rel=1e-6)
+    # the presence term keeps the presence class weights
+    mixed = Cov3dLoss(0.5, W, severity_weights=ws)
+    t = torch.tensor([2])
+    expected = 0.5 * W[1] * bce(X, 0.9) + 0.5 * ws[2] * float(plain(logits(), t))
+    assert float(mixed(logits(), t)) == pytest.approx(expected, rel=1e-6)

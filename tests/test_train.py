@@ -15,12 +15,13 @@ from cov3d.model import Cov3dNet
 from cov3d.train import TrainConfig, train
 
 runner = CliRunner()
-TINY = ["--no-pretrained", "--depth", "8", "--width", "16", "--loader-workers", "0", "--penultimate", "16"]
+TINY = ["--no-pretrained", "--depth", "8", "--width", "16", "--loader-workers", "0", "--penultimate", "16",
+        "--batch-size", "2"]
 
 
 def config(dataset, tmp_path, **overrides) -> TrainConfig:
     options = dict(data=str(dataset), output=str(tmp_path / "run"), pretrained=False, depth=8, width=16, epochs=2,
-                   loader_workers=0, penultimate=16, cache=str(tmp_path / "cache"))
+                   batch_size=2, loader_workers=0, penultimate=16, cache=str(tmp_path / "cache"))
     options.update(overrides)
     return TrainConfig(**options)
 
@@ -36,10 +37,14 @@ def test_cli_trains_two_epochs_into_a_valid_run_directory(dataset, tmp_path):
                                  "--cache", str(tmp_path / "cache"), *TINY])
     assert result.exit_code == 0, result.output
     assert "epoch   2/2" in result.output and "Run directory" in result.output
-    assert {p.name for p in run.iterdir()} >= {"presence.pt", "severity.pt", "config.json", "history.csv", "last.pt"}
+    assert {p.name for p in run.iterdir()} >= {"presence.pt", "severity.pt", "config.json", "history.csv", "last.pt",
+                                              "history.png"}
 
     saved = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    assert saved["lam"] == 0.1 and saved["lr"] == 1e-4 and saved["batch_size"] == 2 and saved["seed"] == 42
+    assert saved["lam"] == 0.1 and saved["seed"] == 42 and saved["pretrained"] is False
+    # --no-pretrained alone gives the from-scratch recipe, recorded as the values used
+    assert (saved["lr"], saved["batch_size"], saved["dropout"], saved["epochs"]) == (1e-3, 2, 0.0, 2)
+    assert saved["resolved"]["recipe"] == "scratch" and saved["bn_scans"] == 200
     assert saved["resolved"]["depth"] == 8 and saved["resolved"]["width"] == 16
     # train split: 2 covid, 1 non-covid -> N / (2 N_class)
     assert saved["resolved"]["class_weights"] == pytest.approx({"non-covid": 1.5, "covid": 0.75})
@@ -91,8 +96,8 @@ def test_resume_continues_an_interrupted_run(dataset, tmp_path):
     assert load_checkpoint(run / "last.pt")["epoch"] == 2
     # One batch an epoch: epoch 1 ran at the cycle's start (lr_max / 25) and the resumed epoch 2 at its
     # middle, where the cosine annealing from lr_max (over 25%..100%) gives 0.75 lr_max: not a restart.
-    assert float(history(run)[0]["lr"]) == pytest.approx(1e-4 / 25)
-    assert float(history(run)[1]["lr"]) == pytest.approx(0.75e-4, rel=1e-4)
+    assert float(history(run)[0]["lr"]) == pytest.approx(1e-3 / 25)
+    assert float(history(run)[1]["lr"]) == pytest.approx(0.75e-3, rel=1e-4)
 
 
 def test_resume_without_a_run(tmp_path, dataset):
@@ -146,7 +151,122 @@ def test_lambda_out_of_range_is_one_line(dataset):
 def test_train_help_lists_the_paper_options():
     result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for option in ["--lambda", "--arch", "--no-pretrained", "--weights", "--dropout", "--penultimate",
+    for option in ["--lambda", "--arch", "--no-pretrained", "--weights", "--dropout", "--penultimate", "--pool",
+                   "--no-final-bias", "--crop", "--slices", "--bn-scans", "--severity-weights",
                    "--presence-smoothing", "--severity-smoothing", "--lr", "--weight-decay", "--batch-size",
                    "--epochs", "--no-flip", "--seed", "--resume", "--wandb", "--wandb-mode", "--precision"]:
         assert option in result.output, option
+
+
+def test_a_run_of_cov3d_0_1_still_resumes(dataset, tmp_path):
+    def stop_after_first(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(dataset, tmp_path), on_epoch=stop_after_first)
+    run = tmp_path / "run"
+    # config.json as cov3d 0.1 wrote it: one weights path or null, no pool, final_bias, crop or slices.
+    saved = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    for key in ("pool", "final_bias", "crop", "slices"):
+        saved.pop(key)
+    saved["weights"] = None
+    (run / "config.json").write_text(json.dumps(saved), encoding="utf-8")
+    last = torch.load(run / "last.pt", weights_only=True)
+    for key in ("pool", "final_bias", "input"):
+        last["config"].pop(key)
+    last["config"]["format"] = 1
+    torch.save(last, run / "last.pt")
+
+    result = train(config(dataset, tmp_path), resume=True)
+    assert result.epochs_done == 2
+    resumed = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    assert resumed["weights"] == [] and resumed["pool"] == "avg" and resumed["final_bias"] is True
+
+
+def test_recipes_fill_only_what_is_not_given(dataset, tmp_path):
+    from cov3d.train import RECIPES
+
+    scratch = config(dataset, tmp_path, lr=5e-4, batch_size=None).with_recipe()
+    assert (scratch.lr, scratch.batch_size, scratch.dropout) == (5e-4, 8, 0.0)
+    tuned = TrainConfig(data=str(dataset), output=str(tmp_path / "r"), weights=["w.pth"]).with_recipe()
+    assert tuned.recipe == "fine-tune" and tuned.lr == RECIPES["fine-tune"]["lr"] == 1e-4
+    assert (tuned.batch_size, tuned.dropout, tuned.epochs) == (2, 0.5, 40)
+    assert TrainConfig(data="d", output="o", arch="regnet3d").recipe == "scratch"  # no weights exist for it
+
+
+def test_checkpoint_batchnorm_statistics_are_measured_on_training_data(dataset, tmp_path):
+    from cov3d.checkpoint import load_model
+    from cov3d.data import load_splits
+
+    # One batch of all three training scans, no augmentation: the statistics are exactly computable.
+    result = train(config(dataset, tmp_path, epochs=1, batch_size=3, flip=False))
+    model, _ = load_model(result.run / "presence.pt")
+    saved = {name: b.clone() for name, b in model.named_buffers() if "running" in name}
+    manifest = json.loads((result.run / "config.json").read_text(encoding="utf-8"))["resolved"]["manifest"]
+    batch = torch.stack([volume for volume, _ in load_splits(manifest, flip=False).train])
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+    with torch.no_grad():
+        model(batch)
+    measured = {name: b for name, b in model.named_buffers() if "running" in name}
+    assert saved.keys() == measured.keys() and len(saved) > 10
+    for name in saved:
+        torch.testing.assert_close(saved[name], measured[name], rtol=1e-4, atol=1e-5)
+
+
+def test_without_precise_bn_the_checkpoint_keeps_fastai_running_averages(dataset, tmp_path):
+    from cov3d.checkpoint import load_model
+
+    result = train(config(dataset, tmp_path, epochs=1, batch_size=3, flip=False, bn_scans=0))
+    model, _ = load_model(result.run / "presence.pt")
+    bn = model.stem[1]
+    # After one training batch with momentum 0.1 the running variance is still close to its initial 1.
+    assert float(bn.running_var.mean()) > 0.85 and int(bn.num_batches_tracked) == 1
+
+
+def test_show_draws_the_curves_of_a_run(trained_run, tmp_path):
+    out = tmp_path / "curves.png"
+    result = runner.invoke(app, ["show", str(trained_run), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (trained_run / "history.png").is_file()
+
+
+def separated_dataset(root):
+    """Covid scans hold a bright blob at a random place, non-covid scans none: a task a few epochs learn."""
+    import numpy as np
+    from conftest import write_slices
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("validation", 6)):
+        for i in range(count):
+            label = "covid" if i % 2 else "non-covid"
+            volume = rng.normal(60, 12, size=(6, 24, 24)).clip(0, 255)
+            if label == "covid":
+                z, y, x = rng.integers(1, 5), rng.integers(4, 20), rng.integers(4, 20)
+                volume[z - 1:z + 2, y - 4:y + 4, x - 4:x + 4] = 230
+            write_slices(root / split / label / f"ct_scan_{split}_{i}", volume.astype(np.uint8))
+    return root
+
+
+def test_three_epochs_from_scratch_predict_both_classes(tmp_path):
+    from cov3d.predict import load_ensemble, predict_scans
+
+    data = separated_dataset(tmp_path / "data")
+    result = train(config(data, tmp_path, epochs=3, lam=0.0))
+    members = load_ensemble([result.run / "last.pt"])
+    scans = sorted((data / "validation").glob("*/*"))
+    predictions, failures = predict_scans(scans, members, workers=0, precision="fp32")
+    assert not failures
+    labels = {p.path.parent.name: [] for p in predictions}
+    for p in predictions:
+        labels[p.path.parent.name].append(p.presence[0] >= 0.5)
+    assert any(labels["covid"]) and not all(labels["non-covid"]), labels
+
+
+def test_a_training_split_smaller_than_the_batch(dataset, tmp_path):
+    with pytest.raises(Cov3dError, match="the training split has 3 scans, fewer than --batch-size 8"):
+        train(config(dataset, tmp_path, batch_size=8))

@@ -4,7 +4,7 @@ Orders: StopOnNaN 5, Autocast 10, ChannelsLast 11, PreciseBatchNorm 20 (after
 fastai's TrainEvalCallback puts the model in eval mode), ValidationScores 45
 (before fastai's Recorder at 50 and everything that reads the scores),
 BestCheckpoint 70, History 75, HistoryPlot 76, LastCheckpoint 80, EpochReport
-90, BatchProgress 95.
+90, BatchProgress 95, RestoreState 99.
 """
 
 from __future__ import annotations
@@ -12,16 +12,18 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import random
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException
-from torch import nn
 
 from .checkpoint import save_checkpoint
 from .metrics import validation_scores
+from .model import precise_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +74,14 @@ class PreciseBatchNorm(Callback):
         self.batches, self.channels_last = batches, channels_last
 
     def before_validate(self):
-        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not norms or self.batches < 1:
+        if self.batches < 1:
             return
-        momenta = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the batches below
-            m.train()
-        try:
-            with torch.no_grad():
-                for xb, _ in islice(self.dls.train, self.batches):
-                    if self.channels_last:
-                        xb = xb.contiguous(memory_format=torch.channels_last_3d)
-                    self.model(xb)
-        finally:
-            for m, momentum in zip(norms, momenta):
-                m.momentum = momentum
-                m.eval()
+
+        def volumes():
+            for xb, _ in islice(self.dls.train, self.batches):
+                yield xb.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else xb
+
+        precise_batchnorm(self.model, volumes())
 
 
 class StopOnNaN(Callback):
@@ -138,7 +130,8 @@ class History(Callback):
         names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
         values = dict(zip(names, self.recorder.values[-1]))
         row = {"epoch": self.epoch + 1, "train_loss": values.get("train_loss"),
-               "valid_loss": values.get("valid_loss"), **self.learn.scores, "lr": self.opt.hypers[-1]["lr"]}
+               "valid_loss": values.get("valid_loss"), **self.learn.scores, "lr": self.opt.hypers[-1]["lr"],
+               "epochs": self.n_epoch}  # the run's total, for progress lines; not a history column
         new = not self.file.exists()
         with self.file.open("a", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore")
@@ -181,8 +174,56 @@ class LastCheckpoint(Callback):
         optimizer = self.opt.state_dict()
         # fastai keeps the hyper-parameters in fastcore's L; a plain list is what weights_only loading accepts.
         optimizer = {"state": optimizer["state"], "hypers": list(optimizer["hypers"])}
+        scaler = getattr(self.learn, "scaler", None)  # fastai's fp16 loss scaler, on CUDA
         save_checkpoint(self.file, self.model, self.config, epoch=self.epoch + 1, optimizer=optimizer,
-                        best={name: cb.best for name, cb in self.best.items()})
+                        best={name: cb.best for name, cb in self.best.items()}, rng=random_state(self.dls.train),
+                        scaler=scaler.state_dict() if scaler is not None else None,
+                        # fastai's reported training loss is smoothed across epochs: its state goes on too.
+                        smooth_loss={"count": self.recorder.smooth_loss.count,
+                                     "value": self.recorder.smooth_loss.val})
+
+
+def random_state(loader) -> dict:
+    """Every random number generator a training epoch draws from, as weights_only-loadable values."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+             "torch": torch.get_rng_state(), "loader": loader.rng.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_state(saved) -> tuple:
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
+
+
+class RestoreState(Callback):
+    """At the start of a resumed fit, put back the random number generators and loss scaler of last.pt,
+    so that the resumed run goes on as the uninterrupted one would have."""
+
+    order = 99  # after fastai's MixedPrecision has made its scaler in before_fit
+
+    def __init__(self, checkpoint: dict):
+        self.checkpoint = checkpoint
+
+    def before_fit(self):
+        state = self.checkpoint.get("rng")
+        if state:  # absent from runs of cov3d 0.1
+            random.setstate(_python_state(state["python"]))
+            kind, keys, position, has_gauss, gauss = state["numpy"]
+            np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+            torch.set_rng_state(state["torch"])
+            self.dls.train.rng.setstate(_python_state(state["loader"]))
+            if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(state["cuda"])
+        scaler = getattr(self.learn, "scaler", None)
+        if scaler is not None and self.checkpoint.get("scaler"):
+            scaler.load_state_dict(self.checkpoint["scaler"])
+        smooth = self.checkpoint.get("smooth_loss")
+        if smooth:  # fastai's Recorder (order 50) has just reset it
+            self.recorder.smooth_loss.count = int(smooth["count"])
+            self.recorder.smooth_loss.val = torch.as_tensor(smooth["value"]).to(self.dls.device)
 
 
 class Autocast(Callback):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Cov3dError
-from .io import natural_key, scan_kind
+from .io import is_image_file, is_volume_file, natural_key, scan_kind
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +40,52 @@ class ScanRecord:
 
 
 def find_scans(root: Path) -> list[tuple[Path, str]]:
-    """Every scan at or below `root` as (path, kind), in natural order; scans are not searched inside."""
+    """Every scan at or below `root` as (path, kind), in natural order; scans are not searched inside.
+
+    Symbolic links are followed, but each real folder is searched once, so link
+    loops end and a scan reached twice is listed once. An image file lying
+    beside scans is not a scan (warned and skipped); `root` itself may be one
+    image, a 1-slice scan.
+    """
     root = Path(root)
     kind = scan_kind(root)
     if kind:
         return [(root, kind)]
     found: list[tuple[Path, str]] = []
-    for child in sorted(root.iterdir(), key=lambda p: natural_key(p.name)):
+    _search(root, found, seen=set())
+    return found
+
+
+def _search(folder: Path, found: list[tuple[Path, str]], seen: set[Path]) -> None:
+    real = folder.resolve()
+    if real in seen:
+        log.warning("%s: already searched (a symbolic link to it, or a loop); skipped", folder)
+        return
+    seen.add(real)
+    strays = []
+    for child in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
         if child.name.startswith("."):
             continue
         if child.is_dir():
-            found.extend(find_scans(child))
-        elif scan_kind(child):
-            found.append((child, "volume"))
-    return found
+            kind = scan_kind(child)
+            if kind is None:
+                _search(child, found, seen)
+            elif child.resolve() in seen:
+                log.warning("%s: the same scan as one already found; skipped", child)
+            else:
+                seen.add(child.resolve())
+                found.append((child, kind))
+        elif is_image_file(child):
+            strays.append(child.name)
+        elif is_volume_file(child):
+            if child.resolve() in seen:
+                log.warning("%s: the same scan as one already found; skipped", child)
+            else:
+                seen.add(child.resolve())
+                found.append((child, "volume"))
+    if strays:
+        log.warning("%s: ignoring %d image file(s) beside scan folders, not in one: %s", folder, len(strays),
+                    ", ".join(strays[:5]))
 
 
 def _classify(relative: Path) -> tuple[str, str]:
@@ -73,6 +105,9 @@ def read_severity_csv(path: Path) -> dict[str, tuple[int, int]]:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as error:
         raise Cov3dError(f"severity file '{path}' cannot be read: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise Cov3dError(f"severity file '{path}' is not UTF-8 text (UTF-16, say); save it as UTF-8 "
+                         "or plain ASCII") from None
     lines = text.splitlines()
     delimiter = ";" if lines and ";" in lines[0] else ","
     rows: dict[str, tuple[int, int]] = {}
@@ -88,7 +123,17 @@ def read_severity_csv(path: Path) -> dict[str, tuple[int, int]]:
         if category not in {"1", "2", "3", "4"}:
             raise Cov3dError(f"{path}, line {number}: unknown severity category '{category}' for '{name}' "
                              "(use 1 mild, 2 moderate, 3 severe, 4 critical)")
+        if name in rows:
+            earlier, line = rows[name]
+            if earlier != int(category):
+                raise Cov3dError(f"{path}: '{name}' is listed twice with different categories, {earlier} on "
+                                 f"line {line} and {category} on line {number}; keep the right one")
+            log.warning("%s: '%s' is listed twice (lines %d and %d), with the same category", path, name, line,
+                        number)
+            continue
         rows[name] = (int(category), number)
+    if not rows:
+        log.warning("severity file '%s' lists no scans; no scan gets a severity label from it", path)
     return rows
 
 

@@ -13,14 +13,16 @@ default to the paper's average pooling and final bias, and a 3D input.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .archs import build_model, get_arch
+from .archs import ARCHS, build_model, get_arch
 from .atomic import save_torch
 from .errors import Cov3dError
+from .model import POOLS
 
 PRESENCE, SEVERITY, LAST = "presence.pt", "severity.pt", "last.pt"
 CONFIG, HISTORY, HISTORY_PLOT = "config.json", "history.csv", "history.png"
@@ -65,16 +67,48 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
-    """The network of a checkpoint, in eval mode, and its model config (format 1 and 2)."""
-    checkpoint = load_checkpoint(path)
-    config = dict(checkpoint["config"])
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# key → (what it must be, test); the defaults fill what format 1 lacked.
+_CONFIG_RULES = {
+    "arch": ("an architecture name", lambda v: isinstance(v, str) and v in ARCHS),
+    "depth": ("a whole number ≥ 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "width": ("a whole number ≥ 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "lambda": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
+    "outputs": (f"the list {OUTPUT_NAMES}", lambda v: isinstance(v, (list, tuple)) and list(v) == OUTPUT_NAMES),
+    "penultimate": ("a whole number ≥ 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "pool": ("avg or max", lambda v: v in POOLS),
+    "final_bias": ("true or false", lambda v: isinstance(v, bool)),
+    "window": ("two numbers LOW < HIGH", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+               and all(_is_number(x) for x in v) and v[0] < v[1]),
+}
+_FORMAT_1_DEFAULTS = {"pool": "avg", "final_bias": True, "penultimate": 512, "dropout": 0.5,
+                      "window": [-1350.0, 150.0]}
+
+
+def checked_config(config, path: Path) -> dict:
+    """A checkpoint's model config with format-1 defaults filled in; a missing or wrong key is named."""
+    if not isinstance(config, dict):
+        raise Cov3dError(f"'{path}' is not a cov3d checkpoint (its config is not a mapping)")
     missing = [k for k in REQUIRED if k not in config]
     if missing:
         raise Cov3dError(f"'{path}' is not a cov3d checkpoint (its config lacks {', '.join(missing)})")
-    config.setdefault("pool", "avg")
-    config.setdefault("final_bias", True)
+    config = {**_FORMAT_1_DEFAULTS, **config}
+    for key, (expected, valid) in _CONFIG_RULES.items():
+        if not valid(config[key]):
+            raise Cov3dError(f"'{path}': config key '{key}' is {config[key]!r}, not {expected}; the checkpoint "
+                             "is damaged or was edited by hand")
     config["input"] = get_arch(config["arch"]).input
+    return config
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
+    """The network of a checkpoint, in eval mode, and its model config (format 1 and 2)."""
+    checkpoint = load_checkpoint(path)
+    config = checked_config(checkpoint["config"], path)
     model = build_model(config["arch"], pretrained=False, penultimate=int(config["penultimate"]),
                         dropout=float(config["dropout"]), pool=str(config["pool"]),
                         final_bias=bool(config["final_bias"]))

@@ -24,6 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: rich's boxed tables cut long option names at 80 columns; this wraps the text instead.
+    rich_markup_mode=None,
 )
 # soft_wrap: lines are never broken by rich, so paths in logs stay whole (the terminal wraps them on screen).
 console = Console(soft_wrap=True)
@@ -37,7 +39,7 @@ class SizeName(str, Enum):
 
 
 @contextmanager
-def _reported() -> Iterator[None]:
+def _reported(resume_hint: str = "run the command again to resume") -> Iterator[None]:
     """Turn expected errors into one red line and a non-zero exit."""
     try:
         yield
@@ -45,7 +47,7 @@ def _reported() -> Iterator[None]:
         errors.print(f"[bold red]Error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        errors.print("[bold red]Interrupted.[/] Finished work is kept; run the command again to resume.")
+        errors.print(f"[bold red]Interrupted.[/] Finished work is kept; {resume_hint}.")
         raise typer.Exit(130) from None
 
 
@@ -190,6 +192,7 @@ class WandbMode(str, Enum):
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="A COV19-CT-DB dataset root with train/ and validation/ splits.")],
     output: Annotated[
         Optional[Path], typer.Option(help="Run directory for checkpoints, config and history (default: runs/<time>).")
@@ -231,9 +234,9 @@ def train(
     ] = 0.0,
     severity_weights: Annotated[
         SeverityWeights,
-        typer.Option(help="Weights of the severity loss: presence (each scan's presence class weight, the "
-                          "paper's eq. 4-5) or inverse (inverse frequency of each severity category).")
-    ] = SeverityWeights.presence,
+        typer.Option(help="Weights of the severity loss: inverse (inverse frequency of each severity category, "
+                          "as the paper's code) or presence (each scan's presence class weight, eq. 4-5).")
+    ] = SeverityWeights.inverse,
     dropout: Annotated[
         Optional[float],
         typer.Option(help="Dropout in the head; for the video ResNets also after each residual layer "
@@ -288,7 +291,7 @@ def train(
     from .train import TrainConfig
     from .train import train as run_training
 
-    with _reported():
+    with _reported("run the same command with --output RUN --resume to continue"):
         if resume and output is None:
             raise Cov3dError("--resume needs --output RUN, the run directory to continue")
         run = output or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -299,21 +302,26 @@ def train(
             severity_weights=severity_weights.value, bn_scans=bn_scans, dropout=dropout,
             penultimate=penultimate, pool=pool.value, final_bias=final_bias, lr=lr, weight_decay=weight_decay,
             batch_size=batch_size, epochs=epochs, flip=flip, crop=crop, slices=slices, seed=seed,
-            precision=precision.value, device=device, loader_workers=loader_workers, cache=str(cache) if cache else None,
-            window=parse_window(window) if window is not None else DEFAULT_WINDOW,
+            precision=precision.value, device=device, loader_workers=loader_workers,
+            cache=str(cache) if cache else None, window=parse_window(window) if window is not None else DEFAULT_WINDOW,
             train_severity=str(train_severity) if train_severity else None,
             validation_severity=str(validation_severity) if validation_severity else None,
             wandb=wandb, wandb_project=wandb_project, wandb_entity=wandb_entity,
             wandb_mode=wandb_mode.value if wandb_mode else None,
         )
         config.with_recipe().validate()
+        # The options typed on the command line: on --resume, each must agree with the saved run.
+        # (By name: typer ships its own copy of click, whose ParameterSource is not click's.)
+        given = {name for name in ctx.params
+                 if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")
+                 and hasattr(config, name)}
 
         def epoch_line(row: dict) -> None:
             def fmt(key: str) -> str:
                 value = row.get(key)
                 return "-" if value is None or value != value else f"{float(value):.4f}"
 
-            console.print(f"epoch {row['epoch']:>3}/{config.epochs}  train loss {fmt('train_loss')}  "
+            console.print(f"epoch {row['epoch']:>3}/{row['epochs']}  train loss {fmt('train_loss')}  "
                           f"valid loss {fmt('valid_loss')}  presence F1 {fmt('presence_f1')}  "
                           f"accuracy {fmt('presence_accuracy')}  severity F1 {fmt('severity_f1')}", soft_wrap=True)
 
@@ -334,7 +342,7 @@ def train(
         with _progress_bar("Preprocessing") as progress:
             try:
                 result = run_training(config, resume=resume, on_epoch=epoch_and_bar, on_preprocess=progress,
-                                      on_batch=batch_progress)
+                                      on_batch=batch_progress, options=given)
             finally:
                 bar.stop()
         best = ", ".join(f"{name} {score:.4f}" for name, score in result.best.items() if score > float("-inf"))
@@ -377,8 +385,15 @@ def predict(
     from .predict import find_inputs, load_ensemble, parse_threshold, predict_scans, prediction_rows
     from .predict import write_csv, write_submission
 
+    from .atomic import check_writable
+    from .runtime import resolve_device
+
     with _reported():
         cutoff = parse_threshold(threshold)
+        check_writable(output)
+        if submission is not None:
+            check_writable(submission, folder=True)
+        resolve_device(device)
         members = load_ensemble(model)
         found, missing = find_inputs(scans)
         failures = list(missing)
@@ -390,6 +405,10 @@ def predict(
                                                     progress=progress)
             failures.extend(failed)
             rows = prediction_rows(predictions, cutoff)
+        if not rows:
+            # Nothing was predicted: an existing output keeps its predictions.
+            errors.print(f"No scan could be predicted; '{output}' was not written.", style="bold red")
+        else:
             write_csv(output, rows)
             covid = sum(r["prediction"] == "covid" for r in rows)
             console.print(f"Predicted {len(rows)} scan(s) with {len(members)} checkpoint(s): {covid} covid, "
@@ -425,16 +444,26 @@ def evaluate(
     """Score models on a labelled split: F1, accuracy, ROC AUC, confusion matrices and plots."""
     from .evaluate import describe, evaluate as run_evaluation, write_outputs
 
+    from .atomic import check_writable
+    from .runtime import resolve_device
+
     with _reported():
+        check_writable(output_dir, folder=True)
+        resolve_device(device)
         with _progress_bar("Evaluating") as progress:
             result = run_evaluation(data, model, split=split, threshold=threshold, tta=tta, workers=workers,
                                     device=device, precision=precision.value,
                                     severity_files={"train": train_severity, "validation": validation_severity},
                                     progress=progress)
+        if result.metrics is None:
+            errors.print(f"No scan of the {split} split could be predicted; nothing was written.", style="bold red")
+            _failure_table(result.failures)
+            raise typer.Exit(1)
         write_outputs(result, output_dir)
         m = result.metrics
         presence = m["presence"]
-        console.print(f"{split}: {m['scans']} scans, threshold {m['threshold']:.4f} ({m['threshold_method']})")
+        fitted = " fitted on these scans: in-sample scores" if m.get("threshold_in_sample") else ""
+        console.print(f"{split}: {m['scans']} scans, threshold {m['threshold']:.4f} ({m['threshold_method']}{fitted})")
         console.print(f"presence  macro F1 {describe(presence['macro_f1'])}  accuracy {describe(presence['accuracy'])}"
                       f"  ROC AUC {describe(presence['roc_auc'])}  F1 non-covid {describe(presence['f1']['non-covid'])}"
                       f"  covid {describe(presence['f1']['covid'])}", soft_wrap=True)
@@ -464,12 +493,14 @@ def show(
     window: WindowOption = None,
 ) -> None:
     """Save sections of a scan as the model sees it, or the training curves of a run directory."""
+    from .atomic import check_writable
     from .checkpoint import HISTORY, HISTORY_PLOT
 
     with _reported():
         if scan.is_dir() and (scan / HISTORY).is_file():
             from .curves import plot_history
 
+            check_writable(output or scan / HISTORY_PLOT)
             target = plot_history(scan / HISTORY, output or scan / HISTORY_PLOT)
             console.print(f"Saved {target}")
             return
@@ -479,9 +510,10 @@ def show(
 
         resolved = resolve_size(size.value, depth, width)
         hu_window = parse_window(window) if window is not None else DEFAULT_WINDOW
-        tensor, meta = preprocess_volume(scan, resolved, hu_window)
         name = scan.name.split(".")[0] or "scan"
         target = output or Path(f"{name}.png")
+        check_writable(target)
+        tensor, meta = preprocess_volume(scan, resolved, hu_window)
         render_views(tensor[0].float().numpy(), target,
                      f"{scan.name}: {meta['slices']} slices of {meta['height']}x{meta['width']} -> {resolved.name}")
         console.print(f"Saved {target}")
@@ -521,7 +553,7 @@ def demo(
     from .demo import run_demo
     from .evaluate import describe
 
-    with _reported():
+    with _reported(f"run the same command again to go on where it stopped in '{output}'"):
         start = time.perf_counter()
         bar = _bar(console, transient=True)
         task = bar.add_task("", total=None)

@@ -33,7 +33,7 @@ def youden_threshold(truth: Sequence[int], scores: Sequence[float]) -> float:
 
 @dataclass
 class Evaluation:
-    metrics: dict
+    metrics: dict | None  # None when no scan could be predicted
     rows: list[dict]
     failures: list[tuple[str, str]]
     roc: tuple[np.ndarray, np.ndarray] | None
@@ -64,6 +64,8 @@ def evaluate(
     by_path = {(data / r.path): r for r in records}
     predictions, failures = predict_scans(list(by_path), members, tta=tta, device=device, precision=precision,
                                           workers=workers, roots=[data], progress=progress)
+    if not predictions:
+        return Evaluation(None, [], failures, None, np.zeros((2, 2), dtype=int), None)
     truth = np.array([1 if by_path[p.path].label == "covid" else 0 for p in predictions])
     scores = np.array([float(np.mean(p.presence)) for p in predictions])
     if threshold == "youden":
@@ -79,7 +81,9 @@ def evaluate(
     both = len(set(truth.tolist())) == 2
     metrics: dict = {
         "split": split, "scans": len(predictions), "failed": len(failures), "threshold": chosen,
-        "threshold_method": method, "models": [str(m.path) for m in members], "tta": tta,
+        "threshold_method": method,
+        # Youden's threshold is fitted on the scans it is scored on: those scores are optimistic.
+        "threshold_in_sample": method == "youden", "models": [str(m.path) for m in members], "tta": tta,
         "presence": {
             "macro_f1": float(f1_score(truth, predicted, average="macro", labels=[0, 1], zero_division=0)),
             "f1": dict(zip(PRESENCE_NAMES, map(float, f1_score(truth, predicted, average=None, labels=[0, 1],

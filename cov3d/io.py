@@ -17,6 +17,7 @@ head to feet, plus :class:`ScanMeta`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -29,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import Cov3dError
+from .integrity import check_nifti_complete, describe_itk_error
 from .resample import resize_slice
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 # Lung window (level −600 HU, width 1500 HU): parenchyma, ground-glass opacities
 # and consolidation all stay inside the range; bone and air saturate.
 DEFAULT_WINDOW: tuple[float, float] = (-1350.0, 150.0)
+
+# Fewer slices than this cannot be interpolated cubically along depth; such scans are read with a warning.
+SHORT_SCAN = 4
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ def parse_window(text: str) -> tuple[float, float]:
         low, high = (float(p) for p in parts)
     except ValueError:
         raise Cov3dError(f"window '{text}' is not LOW,HIGH in Hounsfield units, e.g. --window=-1350,150") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise Cov3dError(f"window '{text}' must be finite numbers of Hounsfield units, e.g. --window=-1350,150")
     if not low < high:
         raise Cov3dError(f"window '{text}' needs LOW < HIGH, e.g. --window=-1350,150")
     return low, high
@@ -96,18 +103,45 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
+def is_image_file(path: Path) -> bool:
+    """True for one .jpg/.jpeg/.png file: a slice in a scan folder, or a 1-slice scan given on its own."""
+    return path.is_file() and path.suffix.lower() in SLICE_SUFFIXES
+
+
+def _has_scan_below(folder: Path) -> bool:
+    """True when some folder below `folder` holds slices or DICOM files, or a volume file lies below it."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if Path(root) == folder:
+            continue
+        for name in files:
+            if name.startswith("."):
+                continue
+            file = Path(root) / name
+            if file.suffix.lower() in SLICE_SUFFIXES or is_volume_file(file) or _is_dicom_file(file):
+                return True
+    return False
+
+
 def scan_kind(path: Path) -> str | None:
-    """'slices', 'dicom' or 'volume' when `path` is a scan, else None."""
+    """'slices', 'dicom' or 'volume' when `path` is a scan, else None.
+
+    A folder of images is a slice folder unless folders below it hold scans:
+    then it is a folder of scans, and its own images (an overview.png beside
+    the scan folders) are not slices. A lone image file is a 1-slice scan.
+    """
     path = Path(path)
     if path.is_file():
-        return "volume" if is_volume_file(path) else None
+        if is_volume_file(path):
+            return "volume"
+        return "slices" if is_image_file(path) else None
     if not path.is_dir():
         return None
     files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
     if any(p.suffix.lower() in SLICE_SUFFIXES for p in files):
-        return "slices"
+        return None if _has_scan_below(path) else "slices"
     if any(_is_dicom_file(p) for p in files):
-        return "dicom"
+        return None if _has_scan_below(path) else "dicom"
     return None
 
 
@@ -130,7 +164,16 @@ def read_scan(
     if not path.exists():
         raise Cov3dError(f"scan '{path}' does not exist")
     threads = threads or os.cpu_count() or 1
+    scan = _read(path, window, slice_width, threads)
+    if scan.meta.slices < SHORT_SCAN:
+        log.warning("%s has only %d slice(s); it is read, but a chest CT usually has dozens", path, scan.meta.slices)
+    return scan
+
+
+def _read(path: Path, window: tuple[float, float], slice_width: int | None, threads: int) -> Scan:
     if path.is_file():
+        if is_image_file(path):  # one image given on its own: a 1-slice scan
+            return _read_slices([path], path, slice_width, threads)
         if not is_volume_file(path):
             raise Cov3dError(
                 f"'{path}' has an unsupported file type; cov3d reads folders of numbered "
@@ -144,6 +187,8 @@ def read_scan(
         return _read_dicom_series(path, window, slice_width, threads)
     if not any(path.iterdir()):
         raise Cov3dError(f"scan folder '{path}' is empty")
+    if _has_scan_below(path):
+        raise Cov3dError(f"'{path}' is a folder of scans, not one scan; give one of the scan folders in it")
     raise Cov3dError(
         f"'{path}' holds no slices: expected numbered .jpg/.jpeg/.png images or DICOM files in it"
     )
@@ -186,7 +231,17 @@ def _read_slice_folder(folder: Path, slice_width: int | None, threads: int) -> S
     others = [p.name for p in files if p not in slices and not p.name.startswith(".")]
     if others:
         log.warning("%s: ignoring %d file(s) that are not slices: %s", folder, len(others), ", ".join(others[:5]))
+    # Slices are numbered (0.jpg, IM-0001-0042.png); among numbered images, one without a number
+    # (thumbnail.jpg, preview.png) is not a slice.
+    unnumbered = [p for p in slices if not re.search(r"\d", p.stem)]
+    if unnumbered and len(unnumbered) < len(slices):
+        log.warning("%s: ignoring %d image(s) without a slice number: %s", folder, len(unnumbered),
+                    ", ".join(p.name for p in unnumbered[:5]))
+        slices = [p for p in slices if p not in unnumbered]
+    return _read_slices(slices, folder, slice_width, threads)
 
+
+def _read_slices(slices: list[Path], source: Path, slice_width: int | None, threads: int) -> Scan:
     def load(file: Path) -> tuple[np.ndarray, tuple[int, int]]:
         try:
             with Image.open(file) as image:
@@ -266,7 +321,13 @@ def _order_dicom(headers: list[_DicomHeader]) -> tuple[list[_DicomHeader], float
         # Distance along the normal, head first.
         keyed = sorted(headers, key=lambda h: -float(np.dot(h.position, normal)))
         distances = np.array([np.dot(h.position, normal) for h in keyed])
-        spacing = float(np.median(np.abs(np.diff(distances)))) if len(keyed) > 1 else None
+        steps = np.abs(np.diff(distances))
+        spacing = float(np.median(steps)) if len(keyed) > 1 else None
+        if spacing:
+            gaps = int((steps > 1.5 * spacing).sum())
+            if gaps:
+                log.warning("%s: slice positions have %d gap(s) wider than 1.5 x the spacing of %.3g mm "
+                            "(missing slices?)", keyed[0].path.parent, gaps, spacing)
         return keyed, spacing
     if all(h.instance is not None for h in headers):
         log.warning("DICOM slices lack ImagePositionPatient; ordering by InstanceNumber")
@@ -279,15 +340,19 @@ def _read_dicom_series(folder: Path, window: tuple[float, float], slice_width: i
     import SimpleITK as sitk
 
     files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-    candidates = [p for p in files if _is_dicom_file(p)]
+    # DICOMDIR is the media's index of files, not an image.
+    candidates = [p for p in files if _is_dicom_file(p) and p.name.upper() != "DICOMDIR"]
     with ThreadPoolExecutor(max(1, threads)) as pool:
         headers = list(pool.map(_read_dicom_header, candidates))
-    unreadable = [p.name for p, h in zip(candidates, headers) if h is None]
+    unreadable = [p for p, h in zip(candidates, headers) if h is None]
     headers = [h for h in headers if h is not None]
     if not headers:
         raise Cov3dError(f"DICOM series '{folder}' cannot be read: no file in it is a readable DICOM image")
     if unreadable:
-        log.warning("%s: skipping %d unreadable DICOM file(s): %s", folder, len(unreadable), ", ".join(unreadable[:5]))
+        # As for a slice folder: a slice that cannot be read fails the scan rather than leaving a gap.
+        named = ", ".join(f"'{p}'" for p in unreadable[:3]) + (" …" if len(unreadable) > 3 else "")
+        raise Cov3dError(f"{len(unreadable)} DICOM slice(s) of '{folder}' cannot be read: {named}; "
+                         "replace or remove them")
     series = Counter(h.series for h in headers)
     if len(series) > 1:
         chosen, count = series.most_common(1)[0]
@@ -301,7 +366,7 @@ def _read_dicom_series(folder: Path, window: tuple[float, float], slice_width: i
             # GDCM applies RescaleSlope/RescaleIntercept, giving Hounsfield units.
             image = sitk.ReadImage(str(header.path), imageIO="GDCMImageIO")
         except RuntimeError as error:
-            raise Cov3dError(f"DICOM file '{header.path}' cannot be read: {str(error).strip().splitlines()[-1]}") from None
+            raise Cov3dError(f"DICOM file '{header.path}' cannot be read: {describe_itk_error(error)}") from None
         if not pixel_spacing:
             pixel_spacing.append(tuple(image.GetSpacing()[:2]))
         hu = sitk.GetArrayViewFromImage(image)
@@ -326,10 +391,12 @@ def _read_dicom_series(folder: Path, window: tuple[float, float], slice_width: i
 def _read_volume(path: Path, window: tuple[float, float], slice_width: int | None) -> Scan:
     import SimpleITK as sitk
 
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        check_nifti_complete(path)  # ITK would fill missing voxels with zeros
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
-        raise Cov3dError(f"volume '{path}' cannot be read: {str(error).strip().splitlines()[-1]}") from None
+        raise Cov3dError(f"volume '{path}' cannot be read: {describe_itk_error(error)}") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise Cov3dError(f"volume '{path}' has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
                          "cov3d needs a single-channel CT volume")
@@ -345,7 +412,10 @@ def _read_volume(path: Path, window: tuple[float, float], slice_width: int | Non
     spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
     spacing = (1.0, *spacing) if len(spacing) == 2 else spacing
     # 8-bit volumes are already windowed grey images; anything else is taken as HU.
-    to_unit = (lambda a: a.astype(np.float32) / np.float32(255.0)) if data.dtype == np.uint8 else (lambda a: _window(a, window))
+    if data.dtype == np.uint8:
+        to_unit = lambda a: a.astype(np.float32) / np.float32(255.0)  # noqa: E731
+    else:
+        to_unit = lambda a: _window(a, window)  # noqa: E731
     slices, height, width = data.shape
     if slice_width is None:
         volume = to_unit(data)

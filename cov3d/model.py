@@ -14,6 +14,7 @@ five severity logits in the order non-covid, mild, moderate, severe, critical.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -67,6 +68,35 @@ def load_component(module: nn.Module, state: dict[str, torch.Tensor], what: str)
         if len(detail) > 200:
             detail = detail[:200] + "…"
         raise Cov3dError(f"weights do not fit {what} ({detail}); give the pretrained checkpoint of {what}") from None
+
+
+def precise_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Reset every BatchNorm's running statistics and measure them again on `batches`; return the batch count.
+
+    The statistics become the plain mean over the batches of each batch's
+    statistics, with BatchNorm in training mode and every other layer (dropout)
+    as in evaluation; no gradients. The model is left in evaluation mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+        m.train()
+    count = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+                count += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+            m.eval()
+    return count
 
 
 class Cov3dNet(nn.Module):

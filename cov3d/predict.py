@@ -65,7 +65,7 @@ def _member(path: Path, presence: bool, severity: bool) -> Member:
 
 
 def load_ensemble(paths: Sequence[Path]) -> list[Member]:
-    """Members from run directories and checkpoint files; checks that they agree on their outputs."""
+    """Members from run directories and checkpoint files (each config is checked as it loads)."""
     if not paths:
         raise Cov3dError("no model given; pass --model RUN (a run directory or a checkpoint file)")
     members: list[Member] = []
@@ -85,10 +85,12 @@ def load_ensemble(paths: Sequence[Path]) -> list[Member]:
                 members.append(member)
         else:
             raise Cov3dError(f"model '{path}' does not exist; pass a run directory or a .pt checkpoint")
-    outputs = {tuple(m.config["outputs"]) for m in members}
-    if len(outputs) > 1:
-        raise Cov3dError("the models disagree on their outputs (" + " vs ".join(",".join(o) for o in outputs)
-                         + "); ensemble only cov3d models with the same task outputs")
+    if not any(m.presence for m in members):
+        # Only severity checkpoints: P(covid) comes from them (for λ = 1, the sum of the four covid
+        # severity probabilities, paper §3.3), rather than from nothing.
+        log.warning("no presence model given; P(covid) comes from the severity checkpoint(s)")
+        for member in members:
+            member.presence = True
     return members
 
 
@@ -140,7 +142,10 @@ class _CachedOrFresh(Dataset):
         try:
             cached = self.cached.get(scan)
             if cached is not None:
-                return index, load_cached(cached).float(), ""
+                try:
+                    return index, load_cached(cached).float(), ""
+                except Cov3dError as error:  # a damaged cache entry: read the scan itself instead
+                    log.warning("%s; preprocessing %s instead", error, scan)
             tensor, _ = preprocess_volume(scan, self.size, self.window, threads=1)
             return index, tensor.float(), ""
         except Exception as error:  # reported per scan; the other scans go on

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import save_torch, write_csv
+from .atomic import remove_stale_temporaries, save_torch, write_csv
 from .catalog import ScanRecord, catalog
 from .errors import Cov3dError, describe_error
 from .io import DEFAULT_WINDOW, read_scan
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = ["path", "cache", "split", "label", "severity", "slices", "source",
-                    "height", "width", "spacing", "window", "stamp"]
+                    "height", "width", "spacing", "window", "stamp", "bytes"]
 CACHE_DTYPE = torch.float16  # 2 bytes a voxel; ample for values in [0, 1]
 
 
@@ -108,8 +108,32 @@ def cache_name(record_path: str, data: Path) -> str:
 
 
 def load_cached(path: Path) -> torch.Tensor:
-    """A cached scan tensor (1, D, H, W) float16; loads no pickled code."""
-    return torch.load(path, weights_only=True)
+    """A cached scan tensor (1, D, H, W); loads no pickled code. A damaged or foreign file is a Cov3dError."""
+    try:
+        tensor = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise Cov3dError(f"cache file '{path}' is missing; run `cov3d preprocess` on the data again") from None
+    except Exception as error:  # truncated zip, foreign pickle, anything: the file is not usable
+        raise Cov3dError(f"cache file '{path}' is damaged ({type(error).__name__}); run `cov3d preprocess` on the "
+                         "data again to rebuild it") from None
+    if not (isinstance(tensor, torch.Tensor) and tensor.dim() == 4 and tensor.shape[0] == 1
+            and tensor.is_floating_point()):
+        raise Cov3dError(f"cache file '{path}' does not hold a cov3d scan tensor; run `cov3d preprocess` on the "
+                         "data again to rebuild it")
+    return tensor
+
+
+def _cache_is_whole(path: Path, row: dict) -> bool:
+    """The cache file exists with the size the manifest recorded (manifests without a size: it loads)."""
+    if not path.is_file():
+        return False
+    if row.get("bytes"):
+        return str(path.stat().st_size) == row["bytes"]
+    try:
+        load_cached(path)
+    except Cov3dError:
+        return False
+    return True
 
 
 def preprocess_volume(
@@ -194,6 +218,7 @@ def preprocess_dataset(
     _check_cache_dir(cache, data)
     folder = size_dir(cache, size)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
     manifest = folder / MANIFEST
     previous = {row["path"]: row for row in read_manifest(manifest)}
 
@@ -206,8 +231,9 @@ def preprocess_dataset(
         stamp = source_stamp(data / record.path)
         old = previous.get(record.path)
         if (not overwrite and old and old.get("stamp") == stamp and old.get("window") == window_text
-                and (folder / cache_file).is_file()):
+                and _cache_is_whole(folder / cache_file, old)):
             meta = {k: old.get(k, "") for k in ("slices", "source", "height", "width", "spacing")}
+            meta["bytes"] = str((folder / cache_file).stat().st_size)
             rows[record.path] = _row(record, cache_file, meta, window_text, stamp)
             report.skipped += 1
         else:
@@ -232,6 +258,7 @@ def preprocess_dataset(
             log.debug("scan %s failed", record.path, exc_info=result)
             rows.pop(record.path, None)
         else:
+            result = {**result, "bytes": str((folder / cache_file).stat().st_size)}
             rows[record.path] = _row(record, cache_file, result, window_text, stamp)
             report.processed += 1
         done += 1

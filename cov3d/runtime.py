@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import random
+import re
 
 import numpy as np
 import torch
@@ -23,9 +24,14 @@ def resolve_device(name: str) -> torch.device:
     """'auto' (CUDA when torch sees a GPU, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise Cov3dError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N (N the GPU's index)")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Cov3dError(f"--device {name} asked for CUDA, but torch sees no GPU; use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise Cov3dError(f"--device {name} asked for CUDA, but torch sees no GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise Cov3dError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
     return device
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 from .errors import Cov3dError
@@ -35,13 +34,13 @@ class WandbRun:
         try:
             self.run = wandb.init(project=config.wandb_project, entity=config.wandb_entity, mode=mode,
                                   dir=str(self.directory), name=self.directory.name,
-                                  config={k: v for k, v in asdict(config).items()})
+                                  config=config.to_json())
         except Exception as error:  # login, network or permission problems all mean: not logging
             raise Cov3dError(f"W&B could not start ({type(error).__name__}: {error}); "
                              "log in with `wandb login`, or use --wandb-mode offline") from None
 
     def log_epoch(self, row: dict) -> None:
-        values = {k: v for k, v in row.items() if k != "epoch" and v is not None}
+        values = {k: v for k, v in row.items() if k not in ("epoch", "epochs") and v is not None}
         self.run.log(values, step=int(row["epoch"]))
 
     def finish(self, best: dict[str, float]) -> None:

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,10 +25,10 @@ from fastai.optimizer import Adam
 from fastcore.foundation import L
 
 from .archs import SLICES, build_model, get_arch, memory_format, resolve_pretrained
-from .atomic import write_csv, write_text
+from .atomic import remove_stale_temporaries, write_csv, write_text
 from .callbacks import (
     HISTORY_COLUMNS, Autocast, BatchProgress, BestCheckpoint, ChannelsLast, EpochReport, History, HistoryPlot,
-    LastCheckpoint, PreciseBatchNorm, StopOnNaN, ValidationScores,
+    LastCheckpoint, PreciseBatchNorm, RestoreState, StopOnNaN, ValidationScores,
 )
 from .checkpoint import CONFIG, HISTORY, HISTORY_PLOT, LAST, PRESENCE, SEVERITY, load_checkpoint, model_config
 from .data import Splits, load_splits
@@ -65,7 +65,7 @@ class TrainConfig:
     lam: float = 0.1
     presence_smoothing: float = 0.1
     severity_smoothing: float = 0.0
-    severity_weights: str = "presence"  # "presence": each item's presence class weight (eq. 4-5); "inverse"
+    severity_weights: str = "inverse"  # inverse frequency per severity category; "presence": eq. 4-5's item weight
     dropout: float | None = None  # None: from the recipe (RECIPES), as are lr, batch_size and epochs
     penultimate: int = 512
     pool: str = "avg"  # the paper's text; the paper author's code uses "max"
@@ -91,6 +91,28 @@ class TrainConfig:
     wandb_entity: str | None = None
     wandb_mode: str | None = None
     resolved: dict = field(default_factory=dict)  # filled in by train(): sizes, weights, versions…
+
+    def to_json(self) -> dict:
+        """The config as config.json holds it: every field, the severity weight named `lambda` as the option."""
+        data = asdict(self)
+        data["lambda"] = data.pop("lam")
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainConfig:
+        """A config from config.json, including those of cov3d 0.1 (`lam`, one weights path or null)."""
+        data = dict(data)
+        data.pop("resolved", None)
+        if "lambda" in data:
+            data["lam"] = data.pop("lambda")
+        if "window" in data:
+            data["window"] = tuple(data["window"])
+        if not isinstance(data.get("weights", []), list):
+            data["weights"] = [data["weights"]] if data["weights"] else []
+        # A run of cov3d 0.1 goes on as it began: presence-weighted severity, fastai's BatchNorm statistics.
+        data.setdefault("severity_weights", "presence")
+        data.setdefault("bn_scans", 0)
+        return cls(**data)
 
     @property
     def recipe(self) -> str:
@@ -157,15 +179,20 @@ class TrainResult:
 
 def train(config: TrainConfig, resume: bool = False, on_epoch: Callable[[dict], None] | None = None,
           on_preprocess: Callable[[int, int], None] | None = None,
-          on_batch: Callable[[str | None, int, int], None] | None = None) -> TrainResult:
+          on_batch: Callable[[str | None, int, int], None] | None = None,
+          options: Collection[str] = ()) -> TrainResult:
     """Train a cov3d model as configured; write the run directory; return the best scores.
 
-    `on_epoch(row)` is called with each epoch's history row; `on_preprocess(done,
-    total)` reports progress while the cache is brought up to date;
-    `on_batch(phase, done, total)` as batches pass (phase is None within a phase).
+    `on_epoch(row)` is called with each epoch's history row (its "epochs" is the
+    run's total); `on_preprocess(done, total)` reports progress while the cache
+    is brought up to date; `on_batch(phase, done, total)` as batches pass (phase
+    is None within a phase). With `resume`, `options` names the fields of
+    `config` the user set explicitly (see :func:`_resumed_config`).
     """
     run = Path(config.output)
-    config = _resumed_config(run, config) if resume else _new_run(run, config)
+    if run.is_dir():
+        remove_stale_temporaries(run)
+    config = _resumed_config(run, config, options) if resume else _new_run(run, config)
     config.validate()
     seed_everything(config.seed)
     splits = prepare_data(config, on_preprocess)
@@ -227,7 +254,7 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
     device = torch.device(config.resolved["device"])
     precision = config.resolved["precision"]
     run.mkdir(parents=True, exist_ok=True)
-    _write_json(run / CONFIG, asdict(config))
+    _write_json(run / CONFIG, config.to_json())
     checkpoint_config = model_config(
         arch=config.arch, depth=config.resolved["depth"], width=config.resolved["width"], lam=config.lam,
         window=tuple(config.window), penultimate=config.penultimate, dropout=config.dropout, pool=config.pool,
@@ -235,6 +262,11 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
     workers = config.resolved["loader_workers"]
     dls = DataLoaders.from_dsets(splits.train, splits.valid, bs=config.batch_size, num_workers=workers,
                                  device=device, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    # fastai reads one item of a loader when its `n_inp` is first asked for, in the first training batch,
+    # drawing random numbers for augmentation then. Asking here, before last.pt's random state is put back,
+    # keeps a resumed run's draws in step with the uninterrupted run's.
+    for loader in dls.loaders:
+        loader.n_inp
     best_so_far = previous.get("best", {}) if previous else {}
     best = {"presence_f1": BestCheckpoint("presence_f1", run / PRESENCE, checkpoint_config,
                                           best_so_far.get("presence_f1", -math.inf))}
@@ -271,6 +303,7 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
     learn.scores = None
     learn.best_checkpoints, learn.nan_guard = best, nan_guard  # read by fit()
     if previous is not None:
+        learn.add_cb(RestoreState(previous))
         learn.model.load_state_dict(previous["model"])
         learn.create_opt()
         learn.opt.load_state_dict({"state": previous["optimizer"]["state"],
@@ -317,29 +350,55 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _new_run(run: Path, config: TrainConfig) -> TrainConfig:
-    if (run / LAST).exists() or (run / PRESENCE).exists():
+    if (run / LAST).exists():
         raise Cov3dError(f"'{run}' already holds a training run; continue it with --resume, "
                          "or choose another --output")
+    # Without last.pt a run cannot resume: one interrupted in its first epoch. A new run replaces it.
+    stale = [run / name for name in (PRESENCE, SEVERITY, HISTORY, HISTORY_PLOT) if (run / name).exists()]
+    if stale:
+        log.warning("%s holds a run interrupted before its first epoch ended; replacing it", run)
+        for path in stale:
+            path.unlink()
     # Record the values actually used, not "the architecture's default" or "the recipe's".
     config.with_recipe()
     config.pretrained = resolve_pretrained(config.arch, config.pretrained, len(config.weights))
     return config
 
 
-def _resumed_config(run: Path, given: TrainConfig) -> TrainConfig:
+# What a resumed run may change: where it runs and what it logs; nothing that shapes the model or its data.
+RESUMABLE = ("device", "loader_workers", "wandb", "wandb_mode", "wandb_project", "wandb_entity", "data")
+
+
+def _option(name: str) -> str:
+    return "--lambda" if name == "lam" else "--" + name.replace("_", "-")
+
+
+def _resumed_config(run: Path, given: TrainConfig, options: Collection[str] = ()) -> TrainConfig:
+    """The saved config of `run`, with the options given again applied where sound, else refused.
+
+    `options` names the fields the user set explicitly. Equal values are fine;
+    a larger --epochs extends the run (the one-cycle schedule is stretched to the
+    new total); anything else that differs from the saved run is an error.
+    """
     if not (run / CONFIG).is_file() or not (run / LAST).is_file():
         raise Cov3dError(f"'{run}' holds no interrupted run to resume (config.json and last.pt are needed)")
-    saved = json.loads((run / CONFIG).read_text(encoding="utf-8"))
-    saved.pop("resolved", None)
-    if "window" in saved:
-        saved["window"] = tuple(saved["window"])
-    # cov3d 0.1 stored one weights path or null.
-    if not isinstance(saved.get("weights", []), list):
-        saved["weights"] = [saved["weights"]] if saved["weights"] else []
-    config = TrainConfig(**saved)
-    # A resumed run may change where it runs and what it logs, nothing that shapes the model.
-    config.device, config.loader_workers = given.device, given.loader_workers
-    config.wandb, config.wandb_mode = given.wandb, given.wandb_mode
+    config = TrainConfig.from_json(json.loads((run / CONFIG).read_text(encoding="utf-8")))
+    done = int(load_checkpoint(run / LAST)["epoch"])
+    for name in options:
+        value, saved = getattr(given, name), getattr(config, name)
+        if name in RESUMABLE or name == "output" or value == saved:
+            continue
+        if name == "epochs" and value >= done:
+            log.warning("extending %s from %d to %d epochs: the one-cycle schedule is stretched to the new total",
+                        run, saved, value)
+            continue
+        if name == "epochs":
+            raise Cov3dError(f"{run} has already trained {done} epochs; --epochs {value} cannot shorten it")
+        raise Cov3dError(f"--resume continues the run saved in {run}, whose {_option(name)} is {saved}, not "
+                         f"{value}; leave {_option(name)} out, or train a new run with another --output")
+    for name in (*RESUMABLE, "epochs"):
+        if name in options or name in ("device", "loader_workers", "wandb", "wandb_mode"):
+            setattr(config, name, getattr(given, name))
     return config
 
 

@@ -213,7 +213,8 @@ def test_cli_refuses_slices_for_a_3d_model(dataset):
 def test_docs_table_lists_every_registered_arch():
     text = DOCS.read_text(encoding="utf-8")
     rows = re.findall(r"^\| `([^`]+)` \|", text, flags=re.MULTILINE)
-    assert rows == list(ARCHS)
+    tables = len(rows) // len(ARCHS)
+    assert tables >= 2 and rows == list(ARCHS) * tables  # the description and the measurements
     for arch in ARCHS.values():
         assert arch.input in (VOLUME, SLICES)
 
@@ -231,3 +232,23 @@ def test_train_a_slice_model_end_to_end(dataset, tmp_path):
     scan = write_slices(tmp_path / "scan", scan_volume(5, depth=5, size=20))
     predictions, failures = predict_scans([scan], load_ensemble([result.run]), workers=0)
     assert not failures and 0.0 <= predictions[0].presence[0] <= 1.0
+
+
+@pytest.mark.parametrize("key, value", [("depth", "64"), ("lambda", 1.5), ("arch", "r4d_18"), ("pool", "median"),
+                                        ("final_bias", "yes"), ("window", [150, -1350]), ("outputs", ["p"])])
+def test_a_checkpoint_config_with_a_wrong_value_names_the_key(tmp_path, key, value):
+    config = model_config(arch="r3d_18", depth=DEPTH, width=WIDTH, lam=0.1, window=(-1350, 150), penultimate=8,
+                          dropout=0.0, pool="avg", final_bias=True)
+    config[key] = value
+    save_checkpoint(tmp_path / "model.pt", tiny("r3d_18"), config)
+    with pytest.raises(Cov3dError, match=rf"config key '{key}' is .*, not "):
+        load_model(tmp_path / "model.pt")
+
+
+def test_a_checkpoint_config_without_a_key_names_it(tmp_path):
+    config = model_config(arch="r3d_18", depth=DEPTH, width=WIDTH, lam=0.1, window=(-1350, 150), penultimate=8,
+                          dropout=0.0, pool="avg", final_bias=True)
+    del config["width"]
+    save_checkpoint(tmp_path / "model.pt", tiny("r3d_18"), config)
+    with pytest.raises(Cov3dError, match="its config lacks width"):
+        load_model(tmp_path / "model.pt")

@@ -93,3 +93,55 @@ def test_unsupported_data_file(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(Cov3dError, match="unsupported file type"):
         catalog(tmp_path / "a.txt")
+
+
+def test_a_lone_image_beside_scans_is_skipped_with_a_warning(dataset, caplog):
+    import logging
+
+    write_slices(dataset, np.zeros((1, 8, 8), dtype=np.uint8), names=["overview.png"])
+    write_slices(dataset / "train" / "covid", np.zeros((1, 8, 8), dtype=np.uint8), names=["montage.png"])
+    with caplog.at_level(logging.WARNING):
+        records = catalog(dataset)
+    assert len(records) == 6 and not any(r.path.endswith(".png") for r in records)
+    assert "overview.png" in caplog.text and "montage.png" in caplog.text
+
+
+def test_symbolic_link_loops_find_each_scan_once(tmp_path):
+    root = tmp_path / "data"
+    for i in range(10):
+        write_slices(root / "scans" / f"s{i}", np.zeros((2, 8, 8), dtype=np.uint8))
+    (root / "scans" / "loop").symlink_to(root)  # a link back to the top
+    (root / "again").symlink_to(root / "scans" / "s3")  # a second way to one scan
+    found = [r.path for r in catalog(root)]
+    assert len(found) == 10 and len(set(found)) == 10
+
+
+def test_utf16_severity_file_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "sev.csv"
+    path.write_text("Name;Category\nct_scan_0;2\n", encoding="utf-16")
+    with pytest.raises(Cov3dError, match=r"severity file '.*sev.csv' is not UTF-8 text"):
+        read_severity_csv(path)
+
+
+def test_header_only_severity_file_warns(tmp_path, caplog):
+    import logging
+
+    path = tmp_path / "sev.csv"
+    path.write_text("Name;Category\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        assert read_severity_csv(path) == {}
+    assert "lists no scans" in caplog.text
+
+
+def test_a_name_listed_twice(tmp_path, caplog):
+    import logging
+
+    path = tmp_path / "sev.csv"
+    path.write_text("Name;Category\nct_scan_0;2\nct_scan_1;3\nct_scan_0;2\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        assert read_severity_csv(path) == {"ct_scan_0": (2, 2), "ct_scan_1": (3, 3)}
+    assert "'ct_scan_0' is listed twice (lines 2 and 4)" in caplog.text
+    path.write_text("Name;Category\nct_scan_0;2\nct_scan_0;4\n", encoding="utf-8")
+    with pytest.raises(Cov3dError, match="'ct_scan_0' is listed twice with different categories, 2 on line 2 "
+                                         "and 4 on line 3"):
+        read_severity_csv(path)

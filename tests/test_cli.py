@@ -1,5 +1,7 @@
 import re
 
+import pytest
+
 from typer.testing import CliRunner
 
 from cov3d import __version__
@@ -69,3 +71,26 @@ def test_bad_severity_file_is_one_line(dataset, tmp_path):
 def test_cache_inside_data_is_one_line(dataset):
     line = one_error_line(runner.invoke(app, ["preprocess", str(dataset), "--cache", str(dataset / "c")]))
     assert "inside the data" in line
+
+
+@pytest.mark.parametrize("device", ["gpu0", "cuda:x", "tpu", "cpu:0:1"])
+def test_bad_device_is_one_line_listing_the_valid_forms(trained_run, slice_scan, tmp_path, device):
+    result = runner.invoke(app, ["predict", str(slice_scan), "--model", str(trained_run), "--device", device,
+                                 "--output", str(tmp_path / "p.csv")])
+    assert f"--device {device} is not a device; use auto, cpu, cuda or cuda:N" in one_error_line(result)
+
+
+@pytest.mark.parametrize("command", ["preprocess", "train", "predict", "evaluate", "show", "synth", "demo"])
+def test_help_keeps_every_option_name_whole_at_80_columns(command):
+    from cov3d.cli import app as cli_app
+
+    result = runner.invoke(cli_app, [command, "--help"], env={"COLUMNS": "80", "TERM": "xterm"})
+    assert result.exit_code == 0
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    import typer
+
+    group = typer.main.get_command(cli_app)
+    for param in group.commands[command].params:
+        for name in getattr(param, "opts", []):
+            if name.startswith("--"):
+                assert name in result.output, name

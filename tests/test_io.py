@@ -242,3 +242,85 @@ def test_bad_window(text):
 
 def test_window_parses():
     assert parse_window("-1000,400") == (-1000.0, 400.0)
+
+
+def test_an_unnumbered_image_among_numbered_slices_is_not_a_slice(tmp_path, caplog):
+    folder = write_slices(tmp_path / "scan", ramp_volume(depth=5))
+    write_slices(folder, np.full((1, 24, 24), 255, dtype=np.uint8), names=["thumbnail.jpg"])
+    with caplog.at_level(logging.WARNING):
+        scan = read_scan(folder)
+    assert scan.volume.shape[0] == 5 and scan.volume.max() < 0.7  # no white last slice
+    assert "thumbnail.jpg" in caplog.text and "without a slice number" in caplog.text
+
+
+def test_one_image_given_on_its_own_is_a_one_slice_scan(tmp_path, caplog):
+    write_slices(tmp_path, ramp_volume(depth=1), names=["single.png"])
+    with caplog.at_level(logging.WARNING):
+        scan = read_scan(tmp_path / "single.png")
+    assert scan.volume.shape == (1, 24, 24) and scan.meta.slices == 1
+    assert "single.png has only 1 slice(s)" in caplog.text
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_short_scans_are_read_with_a_warning_naming_them(tmp_path, caplog, depth):
+    folder = write_slices(tmp_path / "short_scan", ramp_volume(depth=depth))
+    with caplog.at_level(logging.WARNING):
+        assert read_scan(folder).volume.shape[0] == depth
+    assert f"short_scan has only {depth} slice(s)" in caplog.text
+
+
+def test_a_folder_of_scans_with_an_overview_image_is_not_a_scan(tmp_path):
+    write_slices(tmp_path / "data" / "scan_a", ramp_volume(depth=4))
+    write_slices(tmp_path / "data", ramp_volume(depth=1), names=["overview.png"])
+    assert scan_kind(tmp_path / "data") is None
+    assert scan_kind(tmp_path / "data" / "scan_a") == "slices"
+    with pytest.raises(Cov3dError, match="is a folder of scans, not one scan"):
+        read_scan(tmp_path / "data")
+
+
+@pytest.mark.parametrize("name", ["v.nii", "v.nii.gz"])
+def test_truncated_nifti_is_an_error_naming_it(tmp_path, name):
+    hu = np.random.default_rng(0).integers(-1000, 400, size=(6, 32, 32)).astype(np.int16)
+    path = write_nifti(tmp_path / name, hu)
+    assert read_scan(path).volume.shape == (6, 32, 32)  # whole: fine
+    data = path.read_bytes()
+    assert len(data) > 1000
+    for cut in (len(data) // 2, 352):  # half the voxels; about the header alone
+        (tmp_path / f"cut-{name}").write_bytes(data[:cut])
+        with pytest.raises(Cov3dError, match=rf"volume '.*cut-{name}' cannot be read"):
+            read_scan(tmp_path / f"cut-{name}")
+
+
+def test_truncated_nrrd_and_metaimage_are_errors_naming_them(tmp_path):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.full((6, 32, 32), -600, dtype=np.int16))
+    for name in ("v.nrrd", "v.mha"):
+        sitk.WriteImage(image, str(tmp_path / name))
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut-{name}").write_bytes(data[: len(data) // 2])
+        with pytest.raises(Cov3dError, match=rf"volume '.*cut-{name}' cannot be read"):
+            read_scan(tmp_path / f"cut-{name}")
+
+
+def test_dicom_series_with_an_unreadable_slice_fails_naming_it(tmp_path):
+    hu = np.full((5, 16, 16), -600, dtype=np.int16)
+    folder = write_dicom_series(tmp_path / "series", hu)
+    broken = sorted(folder.iterdir())[2]
+    broken.write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    with pytest.raises(Cov3dError, match=rf"1 DICOM slice\(s\) of .* cannot be read: '.*{broken.name}'"):
+        read_scan(folder)
+
+
+def test_dicom_series_with_a_position_gap_is_read_with_a_warning(tmp_path, caplog):
+    folder = write_dicom_series(tmp_path / "series", np.full((6, 16, 16), -600, dtype=np.int16))
+    sorted(folder.iterdir())[3].unlink()
+    with caplog.at_level(logging.WARNING):
+        assert read_scan(folder).volume.shape[0] == 5
+    assert "1 gap(s)" in caplog.text
+
+
+@pytest.mark.parametrize("text", ["-inf,inf", "nan,100", "-1000,inf"])
+def test_non_finite_window(text):
+    with pytest.raises(Cov3dError, match="must be finite numbers"):
+        parse_window(text)

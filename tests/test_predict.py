@@ -82,10 +82,10 @@ def test_an_ensemble_of_a_model_with_itself_equals_the_model(trained_run, tmp_pa
 
 def test_single_checkpoint_files_answer_for_their_tasks(trained_run):
     [presence] = load_ensemble([trained_run / "presence.pt"])
-    [severity] = load_ensemble([trained_run / "severity.pt"])
+    presence_member, severity_member = load_ensemble([trained_run / "presence.pt", trained_run / "severity.pt"])
     [last] = load_ensemble([trained_run / "last.pt"])
     assert (presence.presence, presence.severity) == (True, False)
-    assert (severity.presence, severity.severity) == (False, True)
+    assert (severity_member.presence, severity_member.severity) == (False, True)
     assert (last.presence, last.severity) == (True, True)  # λ = 0.1 trained both heads
 
 
@@ -144,7 +144,7 @@ def test_members_that_disagree_on_outputs(trained_run, tmp_path):
     checkpoint = torch.load(trained_run / "presence.pt", weights_only=True)
     checkpoint["config"]["outputs"] = ["presence", "something", "else"]
     torch.save(checkpoint, tmp_path / "odd.pt")
-    with pytest.raises(Cov3dError, match="disagree on their outputs"):
+    with pytest.raises(Cov3dError, match="config key 'outputs' is .*, not the list"):
         load_ensemble([trained_run, tmp_path / "odd.pt"])
 
 
@@ -189,7 +189,8 @@ def test_evaluate_cli_writes_metrics_and_plots(trained_run, dataset, tmp_path):
                                  "--threshold", "youden", "--workers", "0"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    assert metrics["scans"] == 2 and metrics["threshold_method"] == "youden"
+    assert metrics["scans"] == 2 and metrics["threshold_method"] == "youden" and metrics["threshold_in_sample"]
+    assert "in-sample" in result.output
     assert set(metrics["presence"]) == {"macro_f1", "f1", "accuracy", "roc_auc", "confusion_matrix"}
     rows = read_rows(out / "predictions.csv")
     truth = [1 if r["label"] == "covid" else 0 for r in rows]
@@ -211,3 +212,69 @@ def test_show_writes_a_png(tmp_path, slice_scan):
     assert result.exit_code == 0, result.output
     with Image.open(out) as image:
         assert image.width > 600 and image.height > 200
+
+
+def test_a_threshold_fitted_on_one_split_applies_to_another(trained_run, dataset, tmp_path):
+    fitted = runner.invoke(app, ["evaluate", str(dataset), "--model", str(trained_run), "--split", "train",
+                                 "--output-dir", str(tmp_path / "train"), "--threshold", "youden", "--workers", "0"])
+    assert fitted.exit_code == 0, fitted.output
+    applied = runner.invoke(app, ["evaluate", str(dataset), "--model", str(trained_run), "--output-dir",
+                                  str(tmp_path / "valid"), "--threshold", str(tmp_path / "train" / "metrics.json"),
+                                  "--workers", "0"])
+    assert applied.exit_code == 0, applied.output
+    train = json.loads((tmp_path / "train" / "metrics.json").read_text(encoding="utf-8"))
+    valid = json.loads((tmp_path / "valid" / "metrics.json").read_text(encoding="utf-8"))
+    assert valid["threshold"] == train["threshold"] and valid["threshold_method"] == "given"
+    assert not valid["threshold_in_sample"]
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "show"])
+def test_unwritable_outputs_fail_before_any_work(trained_run, dataset, slice_scan, tmp_path, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x", encoding="utf-8")
+    target = str(blocker / "out")  # a path below a file can never be written
+    args = {"predict": ["predict", str(slice_scan), "--model", str(trained_run), "--output", target],
+            "evaluate": ["evaluate", str(dataset), "--model", str(trained_run), "--output-dir", target],
+            "show": ["show", str(slice_scan), "--output", target]}[command]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"cannot write '{target}'" in result.output and "Predicted" not in result.output
+
+
+def test_predict_submission_folder_that_is_a_file(trained_run, slice_scan, tmp_path):
+    (tmp_path / "sub").write_text("x", encoding="utf-8")
+    result = runner.invoke(app, ["predict", str(slice_scan), "--model", str(trained_run), "--output",
+                                 str(tmp_path / "p.csv"), "--submission", str(tmp_path / "sub")])
+    assert result.exit_code == 1 and "is a file, not a folder" in result.output
+
+
+def test_predict_where_every_scan_fails_keeps_the_old_csv(trained_run, tmp_path):
+    bad = write_slices(tmp_path / "scans" / "bad", scan_volume(8))
+    (bad / "2.jpg").write_bytes(b"broken")
+    out = tmp_path / "p.csv"
+    out.write_text("scan,probability\nold,0.9\n", encoding="utf-8")
+    result = runner.invoke(app, ["predict", str(tmp_path / "scans"), "--model", str(trained_run), "--output",
+                                 str(out), "--workers", "0"])
+    assert result.exit_code == 1 and "No scan could be predicted" in result.output
+    assert out.read_text(encoding="utf-8") == "scan,probability\nold,0.9\n"
+
+
+def test_evaluate_where_every_scan_fails_lists_them(trained_run, dataset, tmp_path):
+    for scan in (dataset / "validation").glob("*/*"):
+        (scan / "0.jpg").write_bytes(b"broken")
+    result = runner.invoke(app, ["evaluate", str(dataset), "--model", str(trained_run), "--output-dir",
+                                 str(tmp_path / "ev"), "--workers", "0"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "No scan of the validation split could be predicted" in result.output
+    assert "2 scan(s) failed" in result.output and "ct_scan_2" in result.output
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+def test_an_ensemble_of_severity_checkpoints_alone_gives_p_covid(trained_run, dataset, slice_scan, tmp_path):
+    members = load_ensemble([trained_run / "severity.pt"])
+    assert members[0].presence and members[0].severity
+    prediction = probability(members, slice_scan)
+    assert 0.0 <= prediction.presence[0] <= 1.0
+    result = runner.invoke(app, ["evaluate", str(dataset), "--model", str(trained_run / "severity.pt"),
+                                 "--output-dir", str(tmp_path / "ev"), "--workers", "0"])
+    assert result.exit_code == 0, result.output

@@ -118,7 +118,7 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(dataset, tmp_path, m
 
 def test_save_torch_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     target = tmp_path / "x.pt"
-    save_torch(torch.ones(2), target)
+    save_torch(torch.ones(1, 2, 2, 2), target)
 
     def boom(obj, f):
         with open(f, "wb") as handle:
@@ -127,9 +127,9 @@ def test_save_torch_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError):
-        save_torch(torch.zeros(2), target)
+        save_torch(torch.zeros(1, 2, 2, 2), target)
     monkeypatch.undo()
-    torch.testing.assert_close(load_cached(target), torch.ones(2))
+    torch.testing.assert_close(load_cached(target), torch.ones(1, 2, 2, 2))
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
 
 
@@ -169,3 +169,37 @@ def test_real_dicom_series_preprocessed(tmp_path):
     assert row["window"] == "-1350,150"
     tensor = load_cached(report.manifest.parent / row["cache"])
     assert tensor.shape == (1, 16, 32, 32)
+
+
+def test_a_damaged_cache_file_is_redone_and_never_unpickled(dataset, tmp_path):
+    import pickle
+
+    first = preprocess_dataset(dataset, SIZE, tmp_path / "cache", workers=1)
+    rows = read_manifest(first.manifest)
+    damaged = first.manifest.parent / rows[0]["cache"]
+    foreign = first.manifest.parent / rows[1]["cache"]
+    damaged.write_bytes(damaged.read_bytes()[:100])  # truncated
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    foreign.write_bytes(pickle.dumps(Boom()))  # not a tensor, and code if unpickled
+    for path in (damaged, foreign):
+        with pytest.raises(Cov3dError, match=rf"cache file '.*{path.name}' (is damaged|does not hold)"):
+            load_cached(path)
+    again = preprocess_dataset(dataset, SIZE, tmp_path / "cache", workers=1)
+    assert again.processed == 2 and again.skipped == 4  # both redone, not reported as up to date
+    assert load_cached(damaged).shape == (1, 8, 16, 16) and load_cached(foreign).shape == (1, 8, 16, 16)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_temporary_files_of_killed_writers_are_removed(dataset, tmp_path):
+    first = preprocess_dataset(dataset, SIZE, tmp_path / "cache", workers=1)
+    folder = first.manifest.parent
+    dead = folder / "train" / ".ct_scan_0.999999999.tmp.pt"  # no such process
+    alive = folder / f".other.{os.getpid()}.tmp.pt"  # this process: still writing
+    dead.write_bytes(b"x" * 1000)
+    alive.write_bytes(b"x")
+    preprocess_dataset(dataset, SIZE, tmp_path / "cache", workers=1)
+    assert not dead.exists() and alive.exists()

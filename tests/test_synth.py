@@ -120,5 +120,31 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path):
         assert (out / path).exists(), path
     with (out / "predictions.csv").open(encoding="utf-8") as handle:
         assert len(list(csv.DictReader(handle))) == 2  # the test split
-    again = runner.invoke(app, ["demo", "--output", str(out)])
-    assert again.exit_code == 1 and "is not empty" in again.output
+    again = runner.invoke(app, ["demo", "--output", str(out), "--scans", "12", "--epochs", "1", "--depth", "8",
+                                "--width", "16"])
+    assert again.exit_code == 1 and "holds a finished demo" in again.output
+    (out.parent / "other").mkdir()
+    (out.parent / "other" / "file.txt").write_text("x", encoding="utf-8")
+    foreign = runner.invoke(app, ["demo", "--output", str(out.parent / "other")])
+    assert foreign.exit_code == 1 and "is not empty" in foreign.output
+
+
+def test_an_interrupted_demo_goes_on_when_run_again(tmp_path, monkeypatch):
+    import cov3d.demo
+
+    out = tmp_path / "demo"
+    args = ["demo", "--output", str(out), "--scans", "12", "--epochs", "2", "--depth", "8", "--width", "16"]
+    real_evaluate = cov3d.demo.evaluate
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cov3d.demo, "evaluate", interrupted)
+    first = runner.invoke(app, args)
+    assert first.exit_code == 130 and "run the same command again to go on" in first.output
+    monkeypatch.setattr(cov3d.demo, "evaluate", real_evaluate)
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert "Generating" not in second.output  # the data set was already complete
+    with (out / "run" / "history.csv").open(encoding="utf-8") as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]  # trained once, not twice

@@ -26,6 +26,17 @@ def config(dataset, tmp_path, **overrides) -> TrainConfig:
     return TrainConfig(**options)
 
 
+def interrupted_run(dataset, tmp_path, **overrides):
+    """A run stopped by Ctrl-C after its first epoch; returns its directory."""
+    def stop_after_first(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(dataset, tmp_path, **overrides), on_epoch=stop_after_first)
+    return tmp_path / "run"
+
+
 def history(run):
     with (run / "history.csv").open(encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
@@ -41,10 +52,11 @@ def test_cli_trains_two_epochs_into_a_valid_run_directory(dataset, tmp_path):
                                               "history.png"}
 
     saved = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    assert saved["lam"] == 0.1 and saved["seed"] == 42 and saved["pretrained"] is False
+    assert saved["lambda"] == 0.1 and saved["seed"] == 42 and saved["pretrained"] is False
     # --no-pretrained alone gives the from-scratch recipe, recorded as the values used
     assert (saved["lr"], saved["batch_size"], saved["dropout"], saved["epochs"]) == (1e-3, 2, 0.0, 2)
     assert saved["resolved"]["recipe"] == "scratch" and saved["bn_scans"] == 200
+    assert saved["severity_weights"] == "inverse"
     assert saved["resolved"]["depth"] == 8 and saved["resolved"]["width"] == 16
     # train split: 2 covid, 1 non-covid -> N / (2 N_class)
     assert saved["resolved"]["class_weights"] == pytest.approx({"non-covid": 1.5, "covid": 0.75})
@@ -80,12 +92,7 @@ def test_lambda_zero_writes_no_severity_checkpoint(dataset, tmp_path):
 
 
 def test_resume_continues_an_interrupted_run(dataset, tmp_path):
-    def stop_after_first(row):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config(dataset, tmp_path), on_epoch=stop_after_first)
-    run = tmp_path / "run"
+    run = interrupted_run(dataset, tmp_path)
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
     assert [r["epoch"] for r in history(run)] == ["1"]
     with pytest.raises(Cov3dError, match="already holds a training run"):
@@ -159,17 +166,13 @@ def test_train_help_lists_the_paper_options():
 
 
 def test_a_run_of_cov3d_0_1_still_resumes(dataset, tmp_path):
-    def stop_after_first(row):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config(dataset, tmp_path), on_epoch=stop_after_first)
-    run = tmp_path / "run"
+    run = interrupted_run(dataset, tmp_path)
     # config.json as cov3d 0.1 wrote it: one weights path or null, no pool, final_bias, crop or slices.
     saved = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    for key in ("pool", "final_bias", "crop", "slices"):
+    for key in ("pool", "final_bias", "crop", "slices", "bn_scans", "severity_weights"):
         saved.pop(key)
     saved["weights"] = None
+    saved["lam"] = saved.pop("lambda")
     (run / "config.json").write_text(json.dumps(saved), encoding="utf-8")
     last = torch.load(run / "last.pt", weights_only=True)
     for key in ("pool", "final_bias", "input"):
@@ -181,6 +184,7 @@ def test_a_run_of_cov3d_0_1_still_resumes(dataset, tmp_path):
     assert result.epochs_done == 2
     resumed = json.loads((run / "config.json").read_text(encoding="utf-8"))
     assert resumed["weights"] == [] and resumed["pool"] == "avg" and resumed["final_bias"] is True
+    assert resumed["severity_weights"] == "presence" and resumed["bn_scans"] == 0  # as the old run began
 
 
 def test_recipes_fill_only_what_is_not_given(dataset, tmp_path):
@@ -270,3 +274,50 @@ def test_three_epochs_from_scratch_predict_both_classes(tmp_path):
 def test_a_training_split_smaller_than_the_batch(dataset, tmp_path):
     with pytest.raises(Cov3dError, match="the training split has 3 scans, fewer than --batch-size 8"):
         train(config(dataset, tmp_path, batch_size=8))
+
+
+def test_an_interrupted_and_resumed_run_goes_on_as_the_uninterrupted_one(dataset, tmp_path):
+    # Flip augmentation and shuffling draw random numbers every epoch; precise BN too.
+    straight = train(config(dataset, tmp_path / "a", epochs=3, batch_size=2))
+    interrupted_run(dataset, tmp_path / "b", epochs=3, batch_size=2)
+    resumed = train(config(dataset, tmp_path / "b", epochs=3, batch_size=2), resume=True)
+    for a, b in zip(straight.history, resumed.history):
+        for key in ("train_loss", "valid_loss", "presence_f1", "severity_f1"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), (a["epoch"], key)
+    weights_a = load_checkpoint(straight.run / "last.pt")["model"]
+    weights_b = load_checkpoint(resumed.run / "last.pt")["model"]
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_applies_more_epochs_and_refuses_conflicting_options(dataset, tmp_path):
+    interrupted_run(dataset, tmp_path)
+    with pytest.raises(Cov3dError, match=r"whose --lambda is 0.1, not 0.5; leave --lambda out"):
+        train(config(dataset, tmp_path, lam=0.5), resume=True, options={"lam"})
+    with pytest.raises(Cov3dError, match="has already trained 1 epochs; --epochs 0 cannot shorten it"):
+        train(config(dataset, tmp_path, epochs=0), resume=True, options={"epochs"})
+    result = train(config(dataset, tmp_path, epochs=3, lr=1e-3), resume=True, options={"epochs", "lr"})
+    assert result.epochs_done == 3  # --epochs 3 extended the 2-epoch run; --lr equal to the saved one is fine
+    saved = json.loads((result.run / "config.json").read_text(encoding="utf-8"))
+    assert saved["epochs"] == 3 and saved["lambda"] == 0.1 and "lam" not in saved
+
+
+def test_cli_resume_with_more_epochs_shows_the_new_total(dataset, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", str(dataset), "--output", str(run), "--cache", str(tmp_path / "cache"), *TINY]
+    assert runner.invoke(app, [*args, "--epochs", "1"]).exit_code == 0
+    result = runner.invoke(app, [*args, "--epochs", "2", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "epoch   2/2" in result.output
+    refused = runner.invoke(app, [*args, "--lambda", "0.3", "--resume"])
+    assert refused.exit_code == 1 and "whose --lambda is 0.1, not 0.3" in refused.output
+
+
+def test_a_run_interrupted_in_its_first_epoch_can_be_replaced(dataset, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "presence.pt").write_bytes(b"from an interrupted first epoch")  # no last.pt: cannot resume
+    (run / ".last.12345678.tmp.pt").write_bytes(b"x")
+    result = train(config(dataset, tmp_path, epochs=1))
+    assert load_checkpoint(result.run / "presence.pt")["epoch"] == 1
+    assert not (run / ".last.12345678.tmp.pt").exists()

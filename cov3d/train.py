@@ -366,7 +366,7 @@ def _new_run(run: Path, config: TrainConfig) -> TrainConfig:
 
 
 # What a resumed run may change: where it runs and what it logs; nothing that shapes the model or its data.
-RESUMABLE = ("device", "loader_workers", "wandb", "wandb_mode", "wandb_project", "wandb_entity", "data")
+RESUMABLE = ("device", "loader_workers", "wandb", "wandb_mode", "wandb_project", "wandb_entity", "data", "cache")
 
 
 def _option(name: str) -> str:

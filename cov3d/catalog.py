@@ -62,6 +62,14 @@ def _search(folder: Path, found: list[tuple[Path, str]], seen: set[Path]) -> Non
         log.warning("%s: already searched (a symbolic link to it, or a loop); skipped", folder)
         return
     seen.add(real)
+
+    def add(scan: Path, kind: str) -> None:
+        if scan.resolve() in seen:
+            log.warning("%s: the same scan as one already found; skipped", scan)
+        else:
+            seen.add(scan.resolve())
+            found.append((scan, kind))
+
     strays = []
     for child in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
         if child.name.startswith("."):
@@ -70,19 +78,12 @@ def _search(folder: Path, found: list[tuple[Path, str]], seen: set[Path]) -> Non
             kind = scan_kind(child)
             if kind is None:
                 _search(child, found, seen)
-            elif child.resolve() in seen:
-                log.warning("%s: the same scan as one already found; skipped", child)
             else:
-                seen.add(child.resolve())
-                found.append((child, kind))
+                add(child, kind)
         elif is_image_file(child):
             strays.append(child.name)
         elif is_volume_file(child):
-            if child.resolve() in seen:
-                log.warning("%s: the same scan as one already found; skipped", child)
-            else:
-                seen.add(child.resolve())
-                found.append((child, "volume"))
+            add(child, "volume")
     if strays:
         log.warning("%s: ignoring %d image file(s) beside scan folders, not in one: %s", folder, len(strays),
                     ", ".join(strays[:5]))

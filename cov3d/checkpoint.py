@@ -117,3 +117,4 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
     except RuntimeError as error:
         raise Cov3dError(f"'{path}' does not match its own config: {str(error).splitlines()[0]}") from None
     return model.eval(), config
+

@@ -21,10 +21,10 @@ def _column(rows: list[dict], key: str) -> list[float]:
 
 
 def read_history(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise Cov3dError(f"'{path}' does not exist; a run directory has one after its first epoch")
-    with path.open(newline="", encoding="utf-8") as handle:
+    """The rows of a run's history.csv; none when it does not exist yet."""
+    if not Path(path).is_file():
+        return []
+    with Path(path).open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -35,6 +35,8 @@ def plot_history(history: Path, image: Path) -> Path:
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
+    if not Path(history).is_file():
+        raise Cov3dError(f"'{history}' does not exist; a run directory has one after its first epoch")
     rows = read_history(history)
     if not rows:
         raise Cov3dError(f"'{history}' holds no epochs yet")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .errors import Cov3dError
-from .loss import MILD, NON_COVID, class_weights, target_of
+from .loss import MILD, NON_COVID, class_weights, severity_class_weights, target_of
 from .preprocess import load_cached, read_manifest
 
 
@@ -67,6 +67,7 @@ class Splits:
     train: ScanDataset
     valid: ScanDataset
     weights: tuple[float, float]  # class weights (non-covid, covid) from the training split
+    severity_weights: tuple[float, ...]  # inverse-frequency weights of the six target categories, likewise
     counts: dict[str, dict[str, int]]  # split -> {non-covid, covid, with severity}
 
 
@@ -110,5 +111,6 @@ def load_splits(manifest: Path, flip: bool = True, crop: float = 1.0) -> Splits:
         train=ScanDataset(train_files, train_targets, flip=flip, crop=crop),
         valid=ScanDataset(valid_files, valid_targets, flip=False),
         weights=class_weights(train_targets),
+        severity_weights=severity_class_weights(train_targets),
         counts=counts,
     )

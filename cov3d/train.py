@@ -7,7 +7,6 @@ checkpoint format are in :mod:`cov3d.checkpoint`, the callbacks in
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -31,10 +30,11 @@ from .callbacks import (
     LastCheckpoint, PreciseBatchNorm, RestoreState, StopOnNaN, ValidationScores,
 )
 from .checkpoint import CONFIG, HISTORY, HISTORY_PLOT, LAST, PRESENCE, SEVERITY, load_checkpoint, model_config
+from .curves import read_history
 from .data import Splits, load_splits
 from .errors import Cov3dError
 from .io import DEFAULT_WINDOW
-from .loss import SEVERITY_WEIGHTINGS, Cov3dLoss, severity_class_weights
+from .loss import SEVERITY_WEIGHTINGS, Cov3dLoss
 from .model import POOLS
 from .preprocess import preprocess_dataset, resolve_size
 from .runtime import guard_cpu_bf16_conv3d, resolve_device, seed_everything, versions
@@ -192,12 +192,12 @@ def train(config: TrainConfig, resume: bool = False, on_epoch: Callable[[dict], 
     run = Path(config.output)
     if run.is_dir():
         remove_stale_temporaries(run)
-    config = _resumed_config(run, config, options) if resume else _new_run(run, config)
+    previous = _interrupted_run(run) if resume else None
+    config = _resumed_config(run, config, previous, options) if resume else _new_run(run, config)
     config.validate()
     seed_everything(config.seed)
     splits = prepare_data(config, on_preprocess)
     model = make_model(config, resume)
-    previous = load_checkpoint(run / LAST) if resume else None
     learn = make_learner(config, splits, model, run, previous, on_epoch, on_batch)
     return fit(learn, config, run, previous)
 
@@ -227,7 +227,7 @@ def prepare_data(config: TrainConfig, on_preprocess: Callable[[int, int], None] 
         "input": get_arch(config.arch).input, "recipe": config.recipe,
         "class_weights": {"non-covid": splits.weights[0], "covid": splits.weights[1]},
         "severity_class_weights": dict(zip(["non-covid", "mild", "moderate", "severe", "critical", "unknown"],
-                                           severity_class_weights(splits.train.targets))),
+                                           splits.severity_weights)),
         "counts": splits.counts, "device": str(device), "precision": precision,
         "loader_workers": loader_workers, "versions": versions(),
     }
@@ -290,10 +290,8 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
         callbacks.append(EpochReport(on_epoch))
     if on_batch:
         callbacks.append(BatchProgress(on_batch))
-    severity_weights = (severity_class_weights(splits.train.targets) if config.severity_weights == "inverse"
-                        else None)
     loss = Cov3dLoss(config.lam, splits.weights, config.presence_smoothing, config.severity_smoothing,
-                     severity_weights)
+                     splits.severity_weights if config.severity_weights == "inverse" else None)
     learn = Learner(dls, model, loss_func=loss, opt_func=Adam, lr=config.lr, wd=config.weight_decay,
                     cbs=callbacks, path=run, model_dir=".")
     if hasattr(learn, "progress"):  # fastai's console bar; progress goes through on_batch instead
@@ -337,7 +335,7 @@ def fit(learn: Learner, config: TrainConfig, run: Path, previous: dict | None = 
     finally:
         if tracker:
             tracker.close()
-    history = _read_history(run / HISTORY)
+    history = read_history(run / HISTORY)
     return TrainResult(run, {name: cb.best for name, cb in learn.best_checkpoints.items()}, len(history), history)
 
 
@@ -373,17 +371,23 @@ def _option(name: str) -> str:
     return "--lambda" if name == "lam" else "--" + name.replace("_", "-")
 
 
-def _resumed_config(run: Path, given: TrainConfig, options: Collection[str] = ()) -> TrainConfig:
-    """The saved config of `run`, with the options given again applied where sound, else refused.
-
-    `options` names the fields the user set explicitly. Equal values are fine;
-    a larger --epochs extends the run (the one-cycle schedule is stretched to the
-    new total); anything else that differs from the saved run is an error.
-    """
+def _interrupted_run(run: Path) -> dict:
+    """The last.pt of a run to resume; a directory without config.json and last.pt holds none."""
     if not (run / CONFIG).is_file() or not (run / LAST).is_file():
         raise Cov3dError(f"'{run}' holds no interrupted run to resume (config.json and last.pt are needed)")
+    return load_checkpoint(run / LAST)
+
+
+def _resumed_config(run: Path, given: TrainConfig, previous: dict, options: Collection[str] = ()) -> TrainConfig:
+    """The saved config of `run`, with the options given again applied where sound, else refused.
+
+    `previous` is the run's last.pt. `options` names the fields the user set
+    explicitly. Equal values are fine; a larger --epochs extends the run (the
+    one-cycle schedule is stretched to the new total); anything else that
+    differs from the saved run is an error.
+    """
     config = TrainConfig.from_json(json.loads((run / CONFIG).read_text(encoding="utf-8")))
-    done = int(load_checkpoint(run / LAST)["epoch"])
+    done = int(previous["epoch"])
     for name in options:
         value, saved = getattr(given, name), getattr(config, name)
         if name in RESUMABLE or name == "output" or value == saved:
@@ -402,12 +406,5 @@ def _resumed_config(run: Path, given: TrainConfig, options: Collection[str] = ()
     return config
 
 
-def _read_history(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
 def _truncate_history(path: Path, epochs: int) -> None:
-    write_csv(path, HISTORY_COLUMNS, [row for row in _read_history(path) if int(row["epoch"]) <= epochs])
+    write_csv(path, HISTORY_COLUMNS, [row for row in read_history(path) if int(row["epoch"]) <= epochs])

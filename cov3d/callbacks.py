@@ -1,7 +1,7 @@
 """fastai callbacks of a cov3d training run; each does one thing.
 
-Orders: StopOnNaN 5, Autocast 10, ChannelsLast 11, PreciseBatchNorm 20 (after
-fastai's TrainEvalCallback puts the model in eval mode), ValidationScores 45
+Orders: DataParallel -20 (before fastai's TrainEvalCallback), AverageLoss 4, StopOnNaN 5, Autocast 10, ChannelsLast 11, PreciseBatchNorm 20 (after
+fastai's TrainEvalCallback puts the model in eval mode), AverageBatchNorm 21, Timing 44, ValidationScores 45
 (before fastai's Recorder at 50 and everything that reads the scores),
 BestCheckpoint 70, History 75, HistoryPlot 76, LastCheckpoint 80, EpochReport
 90, BatchProgress 95, RestoreState 99.
@@ -13,6 +13,7 @@ import csv
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
@@ -21,17 +22,25 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException
 
+from . import distributed
 from .checkpoint import save_checkpoint
 from .metrics import validation_scores
 from .model import precise_batchnorm
+from .runtime import seed_everything
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "presence_f1", "presence_accuracy", "severity_f1", "lr"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "presence_f1", "presence_accuracy", "severity_f1", "lr",
+                   "valid_scans", "epoch_seconds", "scans_per_second"]
 
 
 class ValidationScores(Callback):
-    """Macro F1 and accuracy on the whole validation split, recorded in `learn.scores` each epoch."""
+    """Macro F1, accuracy and loss on the whole validation split, recorded in `learn.scores` each epoch.
+
+    Under distributed training each rank validates its shard; the outputs are
+    gathered and put back in split order, so every rank scores every scan exactly
+    once and all ranks hold the same scores (and agree on the best epoch).
+    """
 
     order = 45
 
@@ -43,16 +52,46 @@ class ValidationScores(Callback):
         self.learn.scores = None
 
     def before_validate(self):
-        self.outputs, self.targets = [], []
+        self.outputs, self.targets, self.loss_sum = [], [], 0.0
 
     def after_batch(self):
         if not self.training:
-            self.outputs.append(self.pred.detach().float().cpu())
-            self.targets.append(self.y.detach().cpu())
+            self.outputs.extend(self.pred.detach().float().cpu())
+            self.targets.extend(self.y.detach().cpu())
+            self.loss_sum += float(self.loss) * len(self.y)  # fastai's loss is the batch mean
 
     def after_validate(self):
-        if self.outputs:
-            self.learn.scores = validation_scores(torch.cat(self.outputs), torch.cat(self.targets), self.lam)
+        parts = distributed.gather((self.outputs, self.targets, self.loss_sum))
+        outputs = distributed.interleave([part[0] for part in parts])
+        if outputs:
+            targets = distributed.interleave([part[1] for part in parts])
+            self.learn.scores = validation_scores(torch.stack(outputs), torch.stack(targets), self.lam)
+            self.learn.scores["valid_loss"] = sum(part[2] for part in parts) / len(outputs)
+            self.learn.scores["valid_scans"] = len(outputs)
+
+
+class Timing(Callback):
+    """Each epoch's wall time, and training throughput in scans per second over all ranks, in `learn.timing`."""
+
+    order = 44
+
+    def before_epoch(self):
+        self.start = time.perf_counter()
+
+    def before_train(self):
+        self.train_start, self.scans = time.perf_counter(), 0
+
+    def after_batch(self):
+        if self.training:
+            self.scans += len(self.y)
+
+    def after_train(self):
+        seconds = time.perf_counter() - self.train_start
+        # Every rank takes the same number of equal batches, so the global count is this rank's times the world.
+        self.learn.timing = {"scans_per_second": self.scans * distributed.world_size() / seconds if seconds else None}
+
+    def after_validate(self):
+        self.learn.timing["epoch_seconds"] = time.perf_counter() - self.start
 
 
 class PreciseBatchNorm(Callback):
@@ -84,6 +123,73 @@ class PreciseBatchNorm(Callback):
         precise_batchnorm(self.model, volumes())
 
 
+class AverageBatchNorm(Callback):
+    """Before each validation, average every BatchNorm's running statistics across ranks.
+
+    Each rank's statistics follow its own shard; validation and the checkpoints
+    need one set, the same on every rank (for PreciseBatchNorm's measurements,
+    the mean over ranks is the mean over all their batches). Distributed runs only.
+    """
+
+    order = 21
+
+    def before_validate(self):
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                distributed.mean_(module.running_mean)
+                distributed.mean_(module.running_var)
+
+
+class AverageLoss(Callback):
+    """Record each training step's loss as the mean over all ranks (what one process with the global batch
+    would see), so that the reported loss is the run's and a NaN on any rank stops every rank together."""
+
+    order = 4
+
+    def after_loss(self):
+        if self.training:
+            self.learn.loss = distributed.mean_(self.loss.detach().clone())
+
+
+class DataParallel(Callback):
+    """Train through torch's DistributedDataParallel: gradients are averaged across ranks at each step.
+
+    Validation and PreciseBatchNorm run on the plain module: DDP's forward may
+    synchronise, and ranks validate shards of different sizes. Each epoch the
+    training loader is told the epoch, which picks its shard (see distributed.shard).
+    """
+
+    order = -20  # before fastai's TrainEvalCallback sets train or eval mode on learn.model
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def before_fit(self):
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers are synchronised once, at the start, and not before each step: AverageBatchNorm makes the
+        # BatchNorm statistics agree before they are used. (torch 2.13 renamed the option.)
+        options = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
+        self.wrapped = DistributedDataParallel(
+            self.model, device_ids=[self.device] if self.device.type == "cuda" else None, **options)
+
+    def before_epoch(self):
+        self.dls.train.get_idxs.epoch = self.epoch
+
+    def before_train(self):
+        self.learn.model = self.wrapped
+
+    def before_validate(self):
+        self.learn.model = self.wrapped.module
+
+    def after_fit(self):
+        self.learn.model = self.wrapped.module
+
+
 class StopOnNaN(Callback):
     """Stop training when the loss stops being finite; remember the epoch."""
 
@@ -111,9 +217,11 @@ class BestCheckpoint(Callback):
             return
         score = self.learn.scores.get(self.metric, math.nan)
         if not math.isnan(score) and score > self.best:
-            self.best = score
-            save_checkpoint(self.file, self.model, self.config, epoch=self.epoch + 1, metric=self.metric, score=score)
-            log.info("epoch %d: best %s %.4f, saved %s", self.epoch + 1, self.metric, score, self.file.name)
+            self.best = score  # every rank keeps the best, for its LastCheckpoint; rank 0 writes
+            if distributed.is_main():
+                save_checkpoint(self.file, self.model, self.config, epoch=self.epoch + 1, metric=self.metric,
+                                score=score)
+                log.info("epoch %d: best %s %.4f, saved %s", self.epoch + 1, self.metric, score, self.file.name)
 
 
 class History(Callback):
@@ -130,15 +238,23 @@ class History(Callback):
         names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
         values = dict(zip(names, self.recorder.values[-1]))
         row = {"epoch": self.epoch + 1, "train_loss": values.get("train_loss"),
-               "valid_loss": values.get("valid_loss"), **self.learn.scores, "lr": self.opt.hypers[-1]["lr"],
+               "valid_loss": values.get("valid_loss"), **self.learn.scores, **getattr(self.learn, "timing", {}),
+               "lr": self.opt.hypers[-1]["lr"],
                "epochs": self.n_epoch}  # the run's total, for progress lines; not a history column
-        new = not self.file.exists()
+        new = not self.file.exists() or self.file.stat().st_size == 0
+        # A resumed run appends under the header it began with (cov3d 0.2 had no valid_scans column).
+        columns = self.columns if new else _header(self.file)
         with self.file.open("a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
         self.learn.last_row = row
+
+
+def _header(path: Path) -> list[str]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return next(csv.reader(handle), [])
 
 
 class HistoryPlot(Callback):
@@ -161,7 +277,9 @@ class HistoryPlot(Callback):
 
 
 class LastCheckpoint(Callback):
-    """Save model, optimizer and progress after every epoch so that --resume can continue."""
+    """Save model, optimizer and progress after every epoch so that --resume can continue.
+
+    Runs on every rank: the random states of all ranks are gathered, and rank 0 writes."""
 
     order = 80
 
@@ -175,8 +293,12 @@ class LastCheckpoint(Callback):
         # fastai keeps the hyper-parameters in fastcore's L; a plain list is what weights_only loading accepts.
         optimizer = {"state": optimizer["state"], "hypers": list(optimizer["hypers"])}
         scaler = getattr(self.learn, "scaler", None)  # fastai's fp16 loss scaler, on CUDA
+        states = distributed.gather(random_state(self.dls.train))
+        if not distributed.is_main():
+            return
         save_checkpoint(self.file, self.model, self.config, epoch=self.epoch + 1, optimizer=optimizer,
-                        best={name: cb.best for name, cb in self.best.items()}, rng=random_state(self.dls.train),
+                        best={name: cb.best for name, cb in self.best.items()}, rng=states[0],
+                        rng_ranks=states if len(states) > 1 else None,
                         scaler=scaler.state_dict() if scaler is not None else None,
                         # fastai's reported training loss is smoothed across epochs: its state goes on too.
                         smooth_loss={"count": self.recorder.smooth_loss.count,
@@ -204,11 +326,20 @@ class RestoreState(Callback):
 
     order = 99  # after fastai's MixedPrecision has made its scaler in before_fit
 
-    def __init__(self, checkpoint: dict):
-        self.checkpoint = checkpoint
+    def __init__(self, checkpoint: dict, seed: int = 0):
+        self.checkpoint, self.seed = checkpoint, seed
 
     def before_fit(self):
         state = self.checkpoint.get("rng")
+        ranks = self.checkpoint.get("rng_ranks") or [state]
+        if distributed.world_size() > 1 or len(ranks) > 1:
+            # Each rank goes on from its own state when the process count is unchanged; otherwise the
+            # shards differ anyway, and each rank's numbers are drawn afresh from the seed, rank and epoch.
+            state = ranks[distributed.rank()] if len(ranks) == distributed.world_size() else None
+            if state is None:
+                seed = self.seed * 1_000_003 + distributed.rank() * 1009 + int(self.checkpoint["epoch"])
+                seed_everything(seed)
+                self.dls.train.rng.seed(seed)
         if state:  # absent from runs of cov3d 0.1
             random.setstate(_python_state(state["python"]))
             kind, keys, position, has_gauss, gauss = state["numpy"]

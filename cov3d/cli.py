@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -44,11 +45,17 @@ def _reported(resume_hint: str = "run the command again to resume") -> Iterator[
     try:
         yield
     except Cov3dError as error:
-        errors.print(f"[bold red]Error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]Error{_rank()}:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         errors.print(f"[bold red]Interrupted.[/] Finished work is kept; {resume_hint}.")
         raise typer.Exit(130) from None
+
+
+def _rank() -> str:
+    """' (rank R of N)' in a process that torchrun started, so that a failing rank can be told apart."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    return f" (rank {rank} of {world})" if world.isdigit() and int(world) > 1 else ""
 
 
 def _version(value: bool) -> None:
@@ -220,7 +227,8 @@ def train(
     width: WidthOption = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs (default: 40).")] = None,
     batch_size: Annotated[
-        Optional[int], typer.Option(min=1, help="Scans per batch (default: 2 fine-tuning, 8 from scratch).")
+        Optional[int], typer.Option(min=1, help="Scans per batch and process; under torchrun the global batch is this times "
+                                         "the number of processes (default: 2 fine-tuning, 8 from scratch).")
     ] = None,
     lr: Annotated[
         Optional[float],
@@ -268,7 +276,15 @@ def train(
     precision: Annotated[
         Precision, typer.Option(help="auto: fp16 mixed precision on CUDA, fp32 on CPU; or fp32, bf16, fp16.")
     ] = Precision.auto,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda or cuda:N. Under torchrun each process takes the GPU of its "
+                               "local rank (auto, cuda or cpu).")
+    ] = "auto",
+    sync_bn: Annotated[
+        bool, typer.Option("--sync-bn/--no-sync-bn",
+                           help="Under torchrun on GPUs: BatchNorm statistics over the global batch "
+                                "(SyncBatchNorm) instead of each process's batch.")
+    ] = False,
     loader_workers: Annotated[
         Optional[int], typer.Option(min=0, help="Data loader processes (default: up to 4).")
     ] = None,
@@ -302,7 +318,7 @@ def train(
             severity_weights=severity_weights.value, bn_scans=bn_scans, dropout=dropout,
             penultimate=penultimate, pool=pool.value, final_bias=final_bias, lr=lr, weight_decay=weight_decay,
             batch_size=batch_size, epochs=epochs, flip=flip, crop=crop, slices=slices, seed=seed,
-            precision=precision.value, device=device, loader_workers=loader_workers,
+            precision=precision.value, device=device, sync_bn=sync_bn, loader_workers=loader_workers,
             cache=str(cache) if cache else None, window=parse_window(window) if window is not None else DEFAULT_WINDOW,
             train_severity=str(train_severity) if train_severity else None,
             validation_severity=str(validation_severity) if validation_severity else None,
@@ -345,6 +361,8 @@ def train(
                                       on_batch=batch_progress, options=given)
             finally:
                 bar.stop()
+        if not result.main:  # rank 0 of a distributed run reports
+            return
         best = ", ".join(f"{name} {score:.4f}" for name, score in result.best.items() if score > float("-inf"))
         console.print(f"Done: {result.epochs_done} epochs. Best {best or 'scores: none'}.")
         console.print(f"Run directory: {result.run}")

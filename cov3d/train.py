@@ -18,16 +18,19 @@ from pathlib import Path
 import fastai.callback.fp16  # noqa: F401  (adds Learner.to_fp16)
 import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
 import torch
-from fastai.data.core import DataLoaders
+from fastai.data.core import DataLoaders, TfmdDL
 from fastai.learner import Learner
 from fastai.optimizer import Adam
+from fastai.torch_core import to_detach
 from fastcore.foundation import L
 
+from . import distributed
 from .archs import SLICES, build_model, get_arch, memory_format, resolve_pretrained
 from .atomic import remove_stale_temporaries, write_csv, write_text
 from .callbacks import (
-    HISTORY_COLUMNS, Autocast, BatchProgress, BestCheckpoint, ChannelsLast, EpochReport, History, HistoryPlot,
-    LastCheckpoint, PreciseBatchNorm, RestoreState, StopOnNaN, ValidationScores,
+    HISTORY_COLUMNS, AverageBatchNorm, AverageLoss, Autocast, BatchProgress, BestCheckpoint, ChannelsLast,
+    DataParallel, EpochReport, History, HistoryPlot, LastCheckpoint, PreciseBatchNorm, RestoreState, StopOnNaN,
+    Timing, ValidationScores,
 )
 from .checkpoint import CONFIG, HISTORY, HISTORY_PLOT, LAST, PRESENCE, SEVERITY, load_checkpoint, model_config
 from .curves import read_history
@@ -78,6 +81,7 @@ class TrainConfig:
     flip: bool = True
     crop: float = 1.0  # seed 004's random crop: smallest kept fraction of each axis; 1 = off
     slices: int = 0  # 2D slice models: slices sampled per scan in a training step; 0 = all
+    sync_bn: bool = False  # distributed on CUDA: BatchNorm statistics over the global batch (docs/distributed.md)
     seed: int = 42
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda[:N]
@@ -175,6 +179,7 @@ class TrainResult:
     best: dict[str, float]
     epochs_done: int
     history: list[dict]
+    main: bool = True  # False on the ranks of a distributed run other than 0, which report nothing
 
 
 def train(config: TrainConfig, resume: bool = False, on_epoch: Callable[[dict], None] | None = None,
@@ -189,49 +194,88 @@ def train(config: TrainConfig, resume: bool = False, on_epoch: Callable[[dict], 
     is None within a phase). With `resume`, `options` names the fields of
     `config` the user set explicitly (see :func:`_resumed_config`).
     """
-    run = Path(config.output)
-    if run.is_dir():
-        remove_stale_temporaries(run)
-    previous = _interrupted_run(run) if resume else None
-    config = _resumed_config(run, config, previous, options) if resume else _new_run(run, config)
-    config.validate()
-    seed_everything(config.seed)
-    splits = prepare_data(config, on_preprocess)
-    model = make_model(config, resume)
-    learn = make_learner(config, splits, model, run, previous, on_epoch, on_batch)
-    return fit(learn, config, run, previous)
+    launch = distributed.launch_from_environment()
+    if launch.distributed:
+        distributed.start(launch, config.device)
+    if launch.rank != 0:  # only rank 0 reports; the others train in silence
+        on_epoch = on_batch = on_preprocess = None
+    try:
+        run = Path(config.output)
+        if run.is_dir() and launch.rank == 0:
+            remove_stale_temporaries(run)
+        previous = _interrupted_run(run) if resume else None
+        config = _resumed_config(run, config, previous, options) if resume else _new_run(run, config)
+        config.validate()
+        seed_everything(config.seed)
+        splits = prepare_data(config, on_preprocess)
+        model = make_model(config, resume)
+        if launch.distributed:  # the same weights everywhere, but each rank its own augmentation draws
+            seed_everything(config.seed + launch.rank)
+        learn = make_learner(config, splits, model, run, previous, on_epoch, on_batch)
+        return fit(learn, config, run, previous)
+    except RuntimeError as error:
+        if distributed.peer_lost(error):  # the rank that failed has printed why; torchrun is stopping the rest
+            raise Cov3dError(f"stopped because another rank failed ({str(error).splitlines()[-1].strip()[:200]}); "
+                             "its error is above") from None
+        raise
+    finally:
+        if launch.distributed:
+            distributed.stop()
 
 
 def prepare_data(config: TrainConfig, on_preprocess: Callable[[int, int], None] | None = None) -> Splits:
     """Bring the cache up to date, load the splits, and record the resolved settings in `config.resolved`."""
     size = resolve_size(config.size, config.depth, config.width)
-    device = resolve_device(config.device)
+    device = distributed.device() if distributed.world_size() > 1 else resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
-    report = preprocess_dataset(
-        Path(config.data), size, Path(config.cache) if config.cache else None, window=tuple(config.window),
-        severity_files={"train": _path(config.train_severity), "validation": _path(config.validation_severity)},
-        progress=on_preprocess,
-    )
-    if report.failures:
-        listed = "; ".join(f"{p}: {r}" for p, r in report.failures[:3])
-        raise Cov3dError(f"{len(report.failures)} scan(s) could not be preprocessed ({listed}); "
-                         "run `cov3d preprocess` to see them all, then fix or remove them")
-    splits = load_splits(report.manifest, flip=config.flip, crop=config.crop)
-    if len(splits.train) < config.batch_size:
+    # Rank 0 brings the cache up to date while the others wait; all then read its manifest.
+    outcome = _preprocess(config, size, on_preprocess) if distributed.is_main() else None
+    kind, value = distributed.from_main(outcome)
+    if kind == "error":
+        raise Cov3dError(value)
+    manifest = Path(value)
+    splits = load_splits(manifest, flip=config.flip, crop=config.crop)
+    world = distributed.world_size()
+    if len(splits.train) // world < config.batch_size:
         # fastai drops the last incomplete training batch: a smaller split would train on nothing.
-        raise Cov3dError(f"the training split has {len(splits.train)} scans, fewer than --batch-size "
-                         f"{config.batch_size}; give a --batch-size of at most {len(splits.train)}")
+        each = f" shared by {world} processes" if world > 1 else ""
+        raise Cov3dError(f"the training split has {len(splits.train)} scans{each}, too few for --batch-size "
+                         f"{config.batch_size} (per process); give a --batch-size of at most "
+                         f"{max(1, len(splits.train) // world)}")
     loader_workers = config.loader_workers if config.loader_workers is not None else min(4, os.cpu_count() or 1)
     config.resolved = {
-        "depth": size.depth, "width": size.width, "size_name": size.name, "manifest": str(report.manifest),
+        "depth": size.depth, "width": size.width, "size_name": size.name, "manifest": str(manifest),
         "input": get_arch(config.arch).input, "recipe": config.recipe,
         "class_weights": {"non-covid": splits.weights[0], "covid": splits.weights[1]},
         "severity_class_weights": dict(zip(["non-covid", "mild", "moderate", "severe", "critical", "unknown"],
                                            splits.severity_weights)),
         "counts": splits.counts, "device": str(device), "precision": precision,
         "loader_workers": loader_workers, "versions": versions(),
+        "world_size": world, "global_batch_size": config.batch_size * world,
     }
     return splits
+
+
+def _preprocess(config: TrainConfig, size, on_preprocess: Callable[[int, int], None] | None) -> tuple[str, str]:
+    """('manifest', path) once the cache is up to date, or ('error', message) for every rank to raise."""
+    try:
+        report = preprocess_dataset(
+            Path(config.data), size, Path(config.cache) if config.cache else None, window=tuple(config.window),
+            severity_files={"train": _path(config.train_severity), "validation": _path(config.validation_severity)},
+            progress=on_preprocess,
+        )
+    except Cov3dError as error:
+        if distributed.world_size() == 1:
+            raise
+        return "error", str(error)
+    if report.failures:
+        listed = "; ".join(f"{p}: {r}" for p, r in report.failures[:3])
+        message = (f"{len(report.failures)} scan(s) could not be preprocessed ({listed}); "
+                   "run `cov3d preprocess` to see them all, then fix or remove them")
+        if distributed.world_size() == 1:
+            raise Cov3dError(message)
+        return "error", message
+    return "manifest", str(report.manifest)
 
 
 def make_model(config: TrainConfig, resume: bool = False) -> torch.nn.Module:
@@ -240,6 +284,13 @@ def make_model(config: TrainConfig, resume: bool = False) -> torch.nn.Module:
                         weights=[] if resume else [Path(w) for w in config.weights],
                         penultimate=config.penultimate, dropout=config.dropout, pool=config.pool,
                         final_bias=config.final_bias, slices=config.slices)
+    if config.sync_bn:
+        if distributed.world_size() == 1:
+            log.warning("--sync-bn has no effect in a single process; it applies to distributed runs")
+        elif not config.resolved["device"].startswith("cuda"):
+            raise Cov3dError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU version); leave it out")
+        else:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if config.resolved["device"].startswith("cuda"):
         model = model.to(memory_format=memory_format(config.arch))
     elif config.resolved["precision"] == "bf16":
@@ -253,15 +304,15 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
     """A plain fastai Learner: Adam, the combined loss, and one callback per job; restored from `previous`."""
     device = torch.device(config.resolved["device"])
     precision = config.resolved["precision"]
-    run.mkdir(parents=True, exist_ok=True)
-    _write_json(run / CONFIG, config.to_json())
+    main = distributed.is_main()
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        _write_json(run / CONFIG, config.to_json())
     checkpoint_config = model_config(
         arch=config.arch, depth=config.resolved["depth"], width=config.resolved["width"], lam=config.lam,
         window=tuple(config.window), penultimate=config.penultimate, dropout=config.dropout, pool=config.pool,
         final_bias=config.final_bias)
-    workers = config.resolved["loader_workers"]
-    dls = DataLoaders.from_dsets(splits.train, splits.valid, bs=config.batch_size, num_workers=workers,
-                                 device=device, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    dls = make_loaders(config, splits, device)
     # fastai reads one item of a loader when its `n_inp` is first asked for, in the first training batch,
     # drawing random numbers for augmentation then. Asking here, before last.pt's random state is put back,
     # keeps a resumed run's draws in step with the uninterrupted run's.
@@ -277,18 +328,23 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
         # The presence logit is never trained at λ = 1; presence comes from the severity sum.
         log.info("lambda is 1: presence is read from the severity probabilities")
     nan_guard = StopOnNaN()
-    callbacks = [ValidationScores(config.lam), nan_guard, *best.values(), History(run / HISTORY),
-                 HistoryPlot(run / HISTORY, run / HISTORY_PLOT), LastCheckpoint(run / LAST, checkpoint_config, best)]
-    if config.bn_scans:
-        callbacks.append(PreciseBatchNorm(math.ceil(config.bn_scans / config.batch_size),
+    callbacks = [ValidationScores(config.lam), Timing(), nan_guard, *best.values(),
+                 LastCheckpoint(run / LAST, checkpoint_config, best)]
+    if main:  # files of the run and reports: rank 0's job
+        callbacks += [History(run / HISTORY), HistoryPlot(run / HISTORY, run / HISTORY_PLOT)]
+    world = distributed.world_size()
+    if world > 1:
+        callbacks += [DataParallel(device), AverageLoss(), AverageBatchNorm()]
+    if config.bn_scans:  # bn_scans counts scans over all ranks together
+        callbacks.append(PreciseBatchNorm(math.ceil(config.bn_scans / (config.batch_size * world)),
                                           channels_last=device.type == "cuda"))
     if precision == "bf16":  # fp16 goes through fastai's MixedPrecision below, which adds loss scaling
         callbacks.append(Autocast(device.type, torch.bfloat16))
     if device.type == "cuda":
         callbacks.append(ChannelsLast())
-    if on_epoch:
+    if on_epoch and main:
         callbacks.append(EpochReport(on_epoch))
-    if on_batch:
+    if on_batch and main:
         callbacks.append(BatchProgress(on_batch))
     loss = Cov3dLoss(config.lam, splits.weights, config.presence_smoothing, config.severity_smoothing,
                      splits.severity_weights if config.severity_weights == "inverse" else None)
@@ -301,7 +357,7 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
     learn.scores = None
     learn.best_checkpoints, learn.nan_guard = best, nan_guard  # read by fit()
     if previous is not None:
-        learn.add_cb(RestoreState(previous))
+        learn.add_cb(RestoreState(previous, config.seed))
         learn.model.load_state_dict(previous["model"])
         learn.create_opt()
         learn.opt.load_state_dict({"state": previous["optimizer"]["state"],
@@ -309,14 +365,62 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
     return learn
 
 
+def make_loaders(config: TrainConfig, splits: Splits, device: torch.device) -> DataLoaders:
+    """fastai loaders of `config.batch_size` scans per process; each rank takes its shard when distributed."""
+    workers = config.resolved["loader_workers"]
+    common = {"bs": config.batch_size, "num_workers": workers, "device": device, "pin_memory": device.type == "cuda",
+              "persistent_workers": workers > 0}
+    world = distributed.world_size()
+    if world == 1:
+        return DataLoaders.from_dsets(splits.train, splits.valid, **common)
+    train = _Shard(len(splits.train), config.seed, distributed.rank(), world, training=True)
+    valid = _Shard(len(splits.valid), config.seed, distributed.rank(), world, training=False)
+    return DataLoaders(
+        _RankLoader(splits.train, shuffle=False, drop_last=True, n=len(train), get_idxs=train, **common),
+        _RankLoader(splits.valid, shuffle=False, drop_last=False, n=len(valid), get_idxs=valid, **common),
+        device=device)
+
+
+class _RankLoader(TfmdDL):
+    """A fastai loader whose batches stay on their rank.
+
+    fastai's Recorder detaches each loss through the loader, and fastai then
+    all-gathers it whenever WORLD_SIZE > 1: with shards of unequal length in
+    validation, the ranks would wait for each other forever. cov3d gathers what
+    it needs itself (ValidationScores, AverageLoss).
+    """
+
+    def to_detach(self, b, cpu: bool = True, gather: bool = True):
+        return to_detach(b, cpu, gather=False)
+
+
+class _Shard:
+    """A fastai loader's `get_idxs` under DDP: this rank's indices of the split (see distributed.shard).
+    DataParallel sets `epoch` before each training epoch."""
+
+    def __init__(self, length: int, seed: int, rank: int, world: int, training: bool):
+        self.length, self.seed, self.rank, self.world, self.training = length, seed, rank, world, training
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        if self.training:
+            return self.length // self.world
+        return len(range(self.rank, self.length, self.world))
+
+    def __call__(self) -> list[int]:
+        return distributed.shard(self.length, self.epoch if self.training else None, self.seed, self.rank,
+                                 self.world)
+
+
 def fit(learn: Learner, config: TrainConfig, run: Path, previous: dict | None = None) -> TrainResult:
     """One-cycle training from where `previous` stopped; W&B around it when asked."""
     start_epoch = int(previous["epoch"]) if previous is not None else 0
-    if previous is not None:
+    main = distributed.is_main()
+    if previous is not None and main:
         _truncate_history(run / HISTORY, start_epoch)
         log.info("resuming %s after epoch %d of %d", run, start_epoch, config.epochs)
     tracker = None
-    if config.wandb:
+    if config.wandb and main:
         from .tracking import WandbRun
 
         tracker = WandbRun(config, run)
@@ -335,8 +439,11 @@ def fit(learn: Learner, config: TrainConfig, run: Path, previous: dict | None = 
     finally:
         if tracker:
             tracker.close()
+    if distributed.world_size() > 1:
+        distributed.barrier()  # history.csv is complete once rank 0 gets here
     history = read_history(run / HISTORY)
-    return TrainResult(run, {name: cb.best for name, cb in learn.best_checkpoints.items()}, len(history), history)
+    return TrainResult(run, {name: cb.best for name, cb in learn.best_checkpoints.items()}, len(history), history,
+                       main)
 
 
 def _path(value: str | None) -> Path | None:
@@ -355,7 +462,7 @@ def _new_run(run: Path, config: TrainConfig) -> TrainConfig:
     stale = [run / name for name in (PRESENCE, SEVERITY, HISTORY, HISTORY_PLOT) if (run / name).exists()]
     if stale:
         log.warning("%s holds a run interrupted before its first epoch ended; replacing it", run)
-        for path in stale:
+        for path in stale if distributed.is_main() else ():
             path.unlink()
     # Record the values actually used, not "the architecture's default" or "the recipe's".
     config.with_recipe()
@@ -364,7 +471,7 @@ def _new_run(run: Path, config: TrainConfig) -> TrainConfig:
 
 
 # What a resumed run may change: where it runs and what it logs; nothing that shapes the model or its data.
-RESUMABLE = ("device", "loader_workers", "wandb", "wandb_mode", "wandb_project", "wandb_entity", "data", "cache")
+RESUMABLE = ("device", "sync_bn", "loader_workers", "wandb", "wandb_mode", "wandb_project", "wandb_entity", "data", "cache")
 
 
 def _option(name: str) -> str:

@@ -4,7 +4,7 @@ Orders: DataParallel -20 (before fastai's TrainEvalCallback), AverageLoss 4, Sto
 fastai's TrainEvalCallback puts the model in eval mode), AverageBatchNorm 21, Timing 44, ValidationScores 45
 (before fastai's Recorder at 50 and everything that reads the scores),
 BestCheckpoint 70, History 75, HistoryPlot 76, LastCheckpoint 80, EpochReport
-90, BatchProgress 95, RestoreState 99.
+90, Tracking 91, BatchProgress 95, RestoreState 99.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ class ValidationScores(Callback):
         outputs = distributed.interleave([part[0] for part in parts])
         if outputs:
             targets = distributed.interleave([part[1] for part in parts])
-            self.learn.scores = validation_scores(torch.stack(outputs), torch.stack(targets), self.lam)
+            self.learn.validation = (torch.stack(outputs), torch.stack(targets))  # in split order, for W&B
+            self.learn.scores = validation_scores(*self.learn.validation, self.lam)
             self.learn.scores["valid_loss"] = sum(part[2] for part in parts) / len(outputs)
             self.learn.scores["valid_scans"] = len(outputs)
 
@@ -89,6 +90,9 @@ class Timing(Callback):
         seconds = time.perf_counter() - self.train_start
         # Every rank takes the same number of equal batches, so the global count is this rank's times the world.
         self.learn.timing = {"scans_per_second": self.scans * distributed.world_size() / seconds if seconds else None}
+        if self.dls.device.type == "cuda":
+            self.learn.timing["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.dls.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.dls.device)
 
     def after_validate(self):
         self.learn.timing["epoch_seconds"] = time.perf_counter() - self.start
@@ -213,11 +217,12 @@ class BestCheckpoint(Callback):
         self.metric, self.file, self.config, self.best = metric, path, config, best
 
     def after_epoch(self):
+        self.improved = False
         if self.learn.scores is None:
             return
         score = self.learn.scores.get(self.metric, math.nan)
         if not math.isnan(score) and score > self.best:
-            self.best = score  # every rank keeps the best, for its LastCheckpoint; rank 0 writes
+            self.best, self.improved = score, True  # every rank keeps the best, for its LastCheckpoint; rank 0 writes
             if distributed.is_main():
                 save_checkpoint(self.file, self.model, self.config, epoch=self.epoch + 1, metric=self.metric,
                                 score=score)
@@ -398,6 +403,23 @@ class EpochReport(Callback):
     def after_epoch(self):
         if self.learn.scores is not None:
             self.report(self.learn.last_row)
+
+
+class Tracking(Callback):
+    """Hand each epoch's row and validation outputs to an experiment tracker (W&B), with plots and tables at
+    each epoch that improves a best score and at the last epoch."""
+
+    order = 91
+
+    def __init__(self, tracker, best: dict):
+        self.tracker, self.best = tracker, best
+
+    def after_epoch(self):
+        if self.learn.scores is None:
+            return
+        panels = any(getattr(cb, "improved", False) for cb in self.best.values()) or self.epoch + 1 == self.n_epoch
+        outputs, targets = getattr(self.learn, "validation", (None, None))
+        self.tracker.log_epoch(self.learn.last_row, outputs, targets, panels=panels)
 
 
 class BatchProgress(Callback):

@@ -310,7 +310,11 @@ def train(
     with _reported("run the same command with --output RUN --resume to continue"):
         if resume and output is None:
             raise Cov3dError("--resume needs --output RUN, the run directory to continue")
-        run = output or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        # Under a W&B sweep agent each trial gets its own directory, named after its W&B run.
+        sweep_run = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
+        run = output or Path("runs") / (time.strftime("%Y%m%d-%H%M%S") + (f"-{sweep_run}" if sweep_run else ""))
+        if sweep_run and getattr(ctx.get_parameter_source("wandb"), "name", "") == "DEFAULT":
+            wandb = True  # a sweep's trials log to W&B unless told --no-wandb
         config = TrainConfig(
             data=str(data), output=str(run), arch=arch.value, pretrained=pretrained,
             weights=[str(w) for w in weights or []], size=size.value, depth=depth, width=width, lam=lam,
@@ -369,7 +373,8 @@ def train(
 
 
 ModelOption = Annotated[
-    list[Path], typer.Option("--model", help="A run directory or checkpoint file; repeat to ensemble models.")
+    list[Path], typer.Option("--model", help="A run directory, a checkpoint file, or a W&B model artifact "
+                                             "wandb:ENTITY/PROJECT/NAME:ALIAS; repeat to ensemble models.")
 ]
 TtaOption = Annotated[
     bool, typer.Option("--tta/--no-tta", help="Average each scan with its sagittal reflection.")
@@ -458,6 +463,15 @@ def evaluate(
     precision: InferencePrecision = Precision.auto,
     train_severity: Annotated[Optional[Path], typer.Option(help="Severity CSV for train.")] = None,
     validation_severity: Annotated[Optional[Path], typer.Option(help="Severity CSV for validation.")] = None,
+    wandb: Annotated[
+        bool, typer.Option("--wandb/--no-wandb", help="Log metrics, plots and predictions to W&B: into the training "
+                                                      "run of a --model run directory that has one, else a new run.")
+    ] = False,
+    wandb_project: Annotated[str, typer.Option(help="W&B project of a new run.")] = "cov3d",
+    wandb_entity: Annotated[Optional[str], typer.Option(help="W&B entity of a new run.")] = None,
+    wandb_mode: Annotated[
+        Optional[WandbMode], typer.Option(help="W&B mode (default: $WANDB_MODE, else online).")
+    ] = None,
 ) -> None:
     """Score models on a labelled split: F1, accuracy, ROC AUC, confusion matrices and plots."""
     from .evaluate import describe, evaluate as run_evaluation, write_outputs
@@ -478,6 +492,11 @@ def evaluate(
             _failure_table(result.failures)
             raise typer.Exit(1)
         write_outputs(result, output_dir)
+        if wandb:
+            from .tracking import log_evaluation
+
+            logged = log_evaluation(result, model, mode=wandb_mode.value if wandb_mode else None,
+                                    project=wandb_project, entity=wandb_entity)
         m = result.metrics
         presence = m["presence"]
         fitted = " fitted on these scans: in-sample scores" if m.get("threshold_in_sample") else ""
@@ -491,6 +510,8 @@ def evaluate(
             console.print(f"severity  macro F1 {describe(severity['macro_f1'])} over {severity['scans']} scans  "
                           f"{per_class}", soft_wrap=True)
         console.print(f"Outputs: {output_dir}")
+        if wandb and logged:
+            console.print(f"Logged to W&B run {logged}")
         if result.failures:
             _failure_table(result.failures)
             raise typer.Exit(1)

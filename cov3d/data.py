@@ -45,8 +45,10 @@ def random_crop(volume: torch.Tensor, scale: float) -> torch.Tensor:
 class ScanDataset(Dataset):
     """Cached scans with integer targets; optionally cropped and reflected at random (training only)."""
 
-    def __init__(self, files: list[Path], targets: list[int], flip: bool = False, crop: float = 1.0):
+    def __init__(self, files: list[Path], targets: list[int], flip: bool = False, crop: float = 1.0,
+                 names: list[str] | None = None):
         self.files = list(files)
+        self.names = list(names) if names is not None else [Path(f).stem for f in self.files]  # the scans' paths
         self.targets = torch.as_tensor(targets, dtype=torch.long)
         self.flip, self.crop = flip, crop
 
@@ -71,14 +73,15 @@ class Splits:
     counts: dict[str, dict[str, int]]  # split -> {non-covid, covid, with severity}
 
 
-def _labelled(rows: list[dict], split: str, folder: Path) -> tuple[list[Path], list[int]]:
-    files, targets = [], []
+def _labelled(rows: list[dict], split: str, folder: Path) -> tuple[list[Path], list[int], list[str]]:
+    files, targets, names = [], [], []
     for row in rows:
         if row["split"] == split and row["label"] in ("covid", "non-covid"):
             severity = int(row["severity"]) if row["severity"] else None
             files.append(folder / row["cache"])
             targets.append(target_of(row["label"], severity))
-    return files, targets
+            names.append(row["path"])
+    return files, targets, names
 
 
 def _count(targets: list[int]) -> dict[str, int]:
@@ -93,8 +96,8 @@ def load_splits(manifest: Path, flip: bool = True, crop: float = 1.0) -> Splits:
     """Training (reflected at random when `flip`, cropped when `crop` < 1) and validation datasets."""
     manifest = Path(manifest)
     rows = read_manifest(manifest)
-    train_files, train_targets = _labelled(rows, "train", manifest.parent)
-    valid_files, valid_targets = _labelled(rows, "validation", manifest.parent)
+    train_files, train_targets, train_names = _labelled(rows, "train", manifest.parent)
+    valid_files, valid_targets, valid_names = _labelled(rows, "validation", manifest.parent)
     if not valid_files:
         raise Cov3dError(f"no labelled validation scans in {manifest}; training needs "
                          "DATA/validation/{covid,non-covid}/<scan> folders")
@@ -108,8 +111,8 @@ def load_splits(manifest: Path, flip: bool = True, crop: float = 1.0) -> Splits:
                 raise Cov3dError(f"the {split} split has no {label} scans; both classes are needed "
                                  f"in {split}/covid and {split}/non-covid")
     return Splits(
-        train=ScanDataset(train_files, train_targets, flip=flip, crop=crop),
-        valid=ScanDataset(valid_files, valid_targets, flip=False),
+        train=ScanDataset(train_files, train_targets, flip=flip, crop=crop, names=train_names),
+        valid=ScanDataset(valid_files, valid_targets, flip=False, names=valid_names),
         weights=class_weights(train_targets),
         severity_weights=severity_class_weights(train_targets),
         counts=counts,

@@ -69,7 +69,12 @@ def load_ensemble(paths: Sequence[Path]) -> list[Member]:
     if not paths:
         raise Cov3dError("no model given; pass --model RUN (a run directory or a checkpoint file)")
     members: list[Member] = []
-    for path in map(Path, paths):
+    for path in paths:
+        if str(path).startswith("wandb:"):  # wandb:ENTITY/PROJECT/NAME:ALIAS, downloaded to W&B's cache
+            from .tracking import download_model
+
+            path = download_model(str(path))
+        path = Path(path)
         if path.is_dir():
             if not (path / PRESENCE).is_file():
                 raise Cov3dError(f"'{path}' is not a cov3d run directory (no {PRESENCE} in it)")

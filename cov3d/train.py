@@ -30,7 +30,7 @@ from .atomic import remove_stale_temporaries, write_csv, write_text
 from .callbacks import (
     HISTORY_COLUMNS, AverageBatchNorm, AverageLoss, Autocast, BatchProgress, BestCheckpoint, ChannelsLast,
     DataParallel, EpochReport, History, HistoryPlot, LastCheckpoint, PreciseBatchNorm, RestoreState, StopOnNaN,
-    Timing, ValidationScores,
+    Timing, Tracking, ValidationScores,
 )
 from .checkpoint import CONFIG, HISTORY, HISTORY_PLOT, LAST, PRESENCE, SEVERITY, load_checkpoint, model_config
 from .curves import read_history
@@ -423,8 +423,9 @@ def fit(learn: Learner, config: TrainConfig, run: Path, previous: dict | None = 
     if config.wandb and main:
         from .tracking import WandbRun
 
-        tracker = WandbRun(config, run)
-        learn.add_cb(EpochReport(tracker.log_epoch))
+        valid = learn.dls.valid.dataset
+        tracker = WandbRun(config, run, names=valid.names, files=valid.files)
+        learn.add_cb(Tracking(tracker, learn.best_checkpoints))
     nan_guard = learn.nan_guard
     try:
         if start_epoch < config.epochs:

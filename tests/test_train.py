@@ -65,7 +65,9 @@ def test_cli_trains_two_epochs_into_a_valid_run_directory(dataset, tmp_path):
     rows = history(run)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert set(rows[0]) == {"epoch", "train_loss", "valid_loss", "presence_f1", "presence_accuracy",
-                            "severity_f1", "lr"}
+                            "severity_f1", "lr", "valid_scans", "epoch_seconds", "scans_per_second"}
+    assert all(int(r["valid_scans"]) == 2 for r in rows)  # the fixture's two validation scans
+    assert all(float(r["epoch_seconds"]) > 0 and float(r["scans_per_second"]) > 0 for r in rows)
     assert all(float(r["train_loss"]) > 0 for r in rows)
 
 
@@ -272,7 +274,8 @@ def test_three_epochs_from_scratch_predict_both_classes(tmp_path):
 
 
 def test_a_training_split_smaller_than_the_batch(dataset, tmp_path):
-    with pytest.raises(Cov3dError, match="the training split has 3 scans, fewer than --batch-size 8"):
+    with pytest.raises(Cov3dError, match=r"the training split has 3 scans, too few for --batch-size 8 "
+                                         r"\(per process\); give a --batch-size of at most 3"):
         train(config(dataset, tmp_path, batch_size=8))
 
 

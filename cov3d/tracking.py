@@ -59,9 +59,14 @@ def _start(**options):
     try:
         return wandb.init(**options)
     except Exception as error:  # login, network or permission problems all mean: not logging
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise Cov3dError(f"W&B could not start ({type(error).__name__}: {first[:200]}); "
+        raise Cov3dError(f"W&B could not start ({_first_line(error)}); "
                          "log in with `wandb login`, or use --wandb-mode offline") from None
+
+
+def _first_line(error: Exception) -> str:
+    """'Type: first line of the message', short enough for one line of output."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def artifact_name(directory: Path) -> str:
@@ -258,8 +263,7 @@ def download_model(reference: str, root: Path | None = None) -> Path:
         artifact = wandb.Api().artifact(spec, type="model")
         folder = Path(artifact.download(root=str(root) if root else None))
     except Exception as error:  # no network, no login, no such artifact: all mean the model is not here
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise Cov3dError(f"could not download W&B model {spec} ({type(error).__name__}: {first[:200]}); check the "
+        raise Cov3dError(f"could not download W&B model {spec} ({_first_line(error)}); check the "
                          "name and alias, your network and `wandb login`") from None
     checkpoints = sorted(folder.glob("*.pt"))
     if len(checkpoints) != 1:

@@ -264,17 +264,14 @@ def _preprocess(config: TrainConfig, size, on_preprocess: Callable[[int, int], N
             severity_files={"train": _path(config.train_severity), "validation": _path(config.validation_severity)},
             progress=on_preprocess,
         )
+        if report.failures:
+            listed = "; ".join(f"{p}: {r}" for p, r in report.failures[:3])
+            raise Cov3dError(f"{len(report.failures)} scan(s) could not be preprocessed ({listed}); "
+                             "run `cov3d preprocess` to see them all, then fix or remove them")
     except Cov3dError as error:
         if distributed.world_size() == 1:
             raise
         return "error", str(error)
-    if report.failures:
-        listed = "; ".join(f"{p}: {r}" for p, r in report.failures[:3])
-        message = (f"{len(report.failures)} scan(s) could not be preprocessed ({listed}); "
-                   "run `cov3d preprocess` to see them all, then fix or remove them")
-        if distributed.world_size() == 1:
-            raise Cov3dError(message)
-        return "error", message
     return "manifest", str(report.manifest)
 
 

@@ -24,8 +24,10 @@ def replacing(path: Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path`, on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden, per process, and keeping the suffix (some writers choose the format by it).
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    # Hidden, per process, and keeping the suffix (some writers choose the format by it), a compressed
+    # one whole: ITK writes scan.nii.gz only to a name ending in .nii.gz.
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" and len(path.suffixes) > 1 else path.suffix
+    temporary = path.with_name(f".{path.name[: len(path.name) - len(suffix)]}.{os.getpid()}.tmp{suffix}")
     try:
         yield temporary
         os.replace(temporary, path)

@@ -56,6 +56,11 @@ class ScanMeta:
     height: int  # original slice height in pixels
     width: int  # original slice width in pixels
     spacing: tuple[float, float, float] | None = None  # mm: (slice, row, column), when known
+    # Where the voxels lie in patient (LPS) space, as ITK gives it, when known: the first voxel's
+    # position in mm, and the 3x3 direction cosines row by row, whose columns are the column, row and
+    # slice axes. With `spacing`, enough to write a map that overlays the original in a viewer.
+    origin: tuple[float, float, float] | None = None
+    direction: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -359,6 +364,7 @@ def _read_dicom_series(folder: Path, window: tuple[float, float], slice_width: i
         log.warning("%s holds %d DICOM series; reading the largest (%d slices)", folder, len(series), count)
         headers = [h for h in headers if h.series == chosen]
     ordered, slice_spacing = _order_dicom(headers)
+    origin, direction = _dicom_geometry(ordered) if slice_spacing else (None, None)
     pixel_spacing: list[tuple[float, float]] = []
 
     def load(header: _DicomHeader) -> tuple[np.ndarray, tuple[int, int]]:
@@ -385,7 +391,18 @@ def _read_dicom_series(folder: Path, window: tuple[float, float], slice_width: i
     if slice_spacing and pixel_spacing:
         column_spacing, row_spacing = pixel_spacing[0]
         spacing = (slice_spacing, row_spacing, column_spacing)
-    return Scan(np.clip(volume, 0.0, 1.0, out=volume), ScanMeta("dicom", len(ordered), height, width, spacing))
+    return Scan(np.clip(volume, 0.0, 1.0, out=volume),
+                ScanMeta("dicom", len(ordered), height, width, spacing, origin, direction))
+
+
+def _dicom_geometry(ordered: list[_DicomHeader]) -> tuple[tuple[float, float, float], tuple[float, ...]]:
+    """Origin and direction of slices ordered head to feet, from their positions and orientation."""
+    row, column = np.array(ordered[0].orientation[:3]), np.array(ordered[0].orientation[3:])
+    # The slice axis runs from the first slice to the last; a lone slice takes the plane's normal.
+    step = np.array(ordered[-1].position) - np.array(ordered[0].position)
+    normal = step / np.linalg.norm(step) if np.linalg.norm(step) > 0 else np.cross(row, column)
+    matrix = np.stack([row, column, normal], axis=1)  # columns: the column, row and slice axes
+    return tuple(float(v) for v in ordered[0].position), tuple(float(v) for v in matrix.ravel())
 
 
 def _read_volume(path: Path, window: tuple[float, float], slice_width: int | None) -> Scan:
@@ -410,7 +427,11 @@ def _read_volume(path: Path, window: tuple[float, float], slice_width: int | Non
     if data.ndim == 2:
         data = data[None]
     spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
-    spacing = (1.0, *spacing) if len(spacing) == 2 else spacing
+    origin = direction = None
+    if len(spacing) == 2:
+        spacing = (1.0, *spacing)
+    else:
+        origin, direction = tuple(image.GetOrigin()), tuple(image.GetDirection())
     # 8-bit volumes are already windowed grey images; anything else is taken as HU.
     if data.dtype == np.uint8:
         to_unit = lambda a: a.astype(np.float32) / np.float32(255.0)  # noqa: E731
@@ -421,4 +442,31 @@ def _read_volume(path: Path, window: tuple[float, float], slice_width: int | Non
         volume = to_unit(data)
     else:
         volume = np.stack([resize_slice(Image.fromarray(to_unit(s)), slice_width) for s in data])
-    return Scan(np.clip(volume, 0.0, 1.0, out=volume), ScanMeta("volume", slices, height, width, spacing))
+    return Scan(np.clip(volume, 0.0, 1.0, out=volume),
+                ScanMeta("volume", slices, height, width, spacing, origin, direction))
+
+
+def write_volume(path: Path, array: np.ndarray, meta: ScanMeta) -> Path:
+    """Save a (slices, height, width) array on a scan's voxel grid as NIfTI, NRRD or MetaImage (by suffix).
+
+    With the scan's geometry (spacing, origin, direction) where the reader knew
+    it, so a viewer lays the array over the original scan. Without it (JPEG/PNG
+    slices): 1 mm voxels with the slices running head to feet.
+    """
+    import SimpleITK as sitk
+
+    from .atomic import replacing
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    if meta.spacing is not None:
+        image.SetSpacing(tuple(float(s) for s in reversed(meta.spacing)))
+    if meta.origin is not None and meta.direction is not None:
+        image.SetOrigin(meta.origin)
+        image.SetDirection(meta.direction)
+    else:
+        image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0))  # slice index runs to the feet
+    if not Path(path).name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".mha")):
+        raise Cov3dError(f"'{path}' is not a .nii.gz, .nii, .nrrd or .mha file name")
+    with replacing(Path(path)) as temporary:
+        sitk.WriteImage(image, str(temporary), useCompression=True)
+    return Path(path)

@@ -324,3 +324,35 @@ def test_dicom_series_with_a_position_gap_is_read_with_a_warning(tmp_path, caplo
 def test_non_finite_window(text):
     with pytest.raises(Cov3dError, match="must be finite numbers"):
         parse_window(text)
+
+
+def test_dicom_series_geometry_is_that_of_its_first_slice_head_first(tmp_path):
+    folder = write_dicom_series(tmp_path / "s", np.zeros((4, 8, 8)) - 500, z0=10.0, z_step=-2.5)
+    meta = read_scan(folder).meta
+    assert meta.spacing == pytest.approx((2.5, 0.7, 0.7))
+    assert meta.origin == pytest.approx((-100.0, -100.0, 10.0))
+    # Columns run along x, rows along y, slices to the feet (−z in LPS).
+    assert meta.direction == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, -1))
+
+
+@pytest.mark.skipif(not SHARED_DICOM.is_dir(), reason="shared chest CT DICOM series not present")
+def test_real_dicom_geometry_agrees_with_itk_series_reader():
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(SHARED_DICOM)))
+    itk = sitk.DICOMOrient(reader.Execute(), "LPI")
+    meta = read_scan(SHARED_DICOM, slice_width=32).meta
+    assert meta.origin == pytest.approx(itk.GetOrigin(), abs=1e-3)
+    assert meta.direction == pytest.approx(itk.GetDirection(), abs=1e-6)
+    assert tuple(reversed(meta.spacing)) == pytest.approx(itk.GetSpacing(), abs=1e-3)
+
+
+def test_volume_geometry_is_kept_after_orienting_head_first(tmp_path):
+    import SimpleITK as sitk
+
+    path = write_nifti(tmp_path / "v.nii.gz", np.zeros((5, 6, 7)) - 500, spacing=(0.8, 0.7, 2.5))
+    meta = read_scan(path).meta
+    oriented = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPI")
+    assert meta.origin == pytest.approx(oriented.GetOrigin()) and meta.direction == pytest.approx(oriented.GetDirection())
+    assert meta.spacing == pytest.approx((2.5, 0.7, 0.8))

@@ -12,7 +12,8 @@ Slices are written in the lung window as numbered 8-bit JPEGs, like the data set
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +165,36 @@ class SynthScan:
     lesion_fraction: float
 
 
+def phantoms(scans: int = 160, seed: int = 0, width: int = 128) -> Iterator[tuple[SynthScan, Phantom]]:
+    """The phantoms of :func:`synthesize` with the same arguments, in order, each with its entry.
+
+    The masks of each phantom (lungs, lesions) are the ground truth that
+    `cov3d synth` does not write: regenerating them from the seed is how a
+    saliency map of a synthetic scan is checked against where the lesions are.
+    """
+    if scans < 10:
+        raise Cov3dError(f"--scans {scans} is too few; at least 10 give every split both classes")
+    if width < 32:
+        raise Cov3dError(f"--width {width} is too small for a phantom; use 32 or more")
+    rng = np.random.default_rng(seed)
+    n_test = max(2, scans // 10)
+    n_valid = max(4, scans // 5)
+    n_train = scans - n_test - n_valid
+    counters: dict[str, int] = {}
+    for split, count in (("train", n_train), ("validation", n_valid), ("test", n_test)):
+        for index in range(count):
+            covid = index % 2 == 0
+            severity = (index // 2) % 4 + 1 if covid else 0
+            listed = covid and (index // 2) % 3 != 2
+            label = "covid" if covid else "non-covid"
+            phantom = make_phantom(rng, severity, width=width, nodule=not covid and (index // 2) % 3 == 0)
+            name = f"ct_scan_{counters.setdefault(split, 0)}"
+            counters[split] += 1
+            relative = f"{split}/{name}" if split == "test" else f"{split}/{label}/{name}"
+            yield SynthScan(relative, split, "" if split == "test" else label, severity, listed and split != "test",
+                            phantom.nodule, phantom.lesion_fraction), phantom
+
+
 def synthesize(root: Path, scans: int = 160, seed: int = 0, width: int = 128,
                progress: Callable[[int, int], None] | None = None) -> list[SynthScan]:
     """Write a COV19-CT-DB-style data set of `scans` phantoms under `root`; deterministic for `seed`.
@@ -174,36 +205,16 @@ def synthesize(root: Path, scans: int = 160, seed: int = 0, width: int = 128,
     CSVs; every third non-covid scan has a nodule.
     """
     root = Path(root)
-    if scans < 10:
-        raise Cov3dError(f"--scans {scans} is too few; at least 10 give every split both classes")
-    if width < 32:
-        raise Cov3dError(f"--width {width} is too small for a phantom; use 32 or more")
+    made: list[SynthScan] = []
+    generated = phantoms(scans, seed, width)  # checks the arguments before anything is written
+    first = next(generated)
     if root.exists() and any(root.iterdir()):
         raise Cov3dError(f"'{root}' is not empty; choose a new folder for the synthetic data set")
-    rng = np.random.default_rng(seed)
-    n_test = max(2, scans // 10)
-    n_valid = max(4, scans // 5)
-    n_train = scans - n_test - n_valid
-    plan: list[tuple[str, str, int, bool, bool]] = []  # split, label, severity, listed, nodule
-    for split, count in (("train", n_train), ("validation", n_valid), ("test", n_test)):
-        for index in range(count):
-            covid = index % 2 == 0
-            severity = (index // 2) % 4 + 1 if covid else 0
-            listed = covid and (index // 2) % 3 != 2
-            nodule = not covid and (index // 2) % 3 == 0
-            plan.append((split, "covid" if covid else "non-covid", severity, listed, nodule))
-    made: list[SynthScan] = []
-    counters: dict[str, int] = {}
-    for number, (split, label, severity, listed, nodule) in enumerate(plan):
-        phantom = make_phantom(rng, severity, width=width, nodule=nodule)
-        name = f"ct_scan_{counters.setdefault(split, 0)}"
-        counters[split] += 1
-        relative = f"{split}/{name}" if split == "test" else f"{split}/{label}/{name}"
-        write_scan(root / relative, phantom.hu)
-        made.append(SynthScan(relative, split, "" if split == "test" else label, severity,
-                              listed and split != "test", phantom.nodule, phantom.lesion_fraction))
+    for entry, phantom in itertools.chain([first], generated):
+        write_scan(root / entry.path, phantom.hu)
+        made.append(entry)
         if progress:
-            progress(number + 1, len(plan))
+            progress(len(made), scans)
     for split, file_name in SEVERITY_FILES.items():
         lines = ["Name;Category"] + [f"{s.path.rsplit('/', 1)[-1]};{s.severity}" for s in made
                                     if s.split == split and s.severity_listed]

@@ -1,7 +1,7 @@
 """Distributed training: throughput with 1 and N processes, and per-process vs global BatchNorm.
 
     python benchmarks/distributed.py throughput [--processes 1 2] [--device cpu|cuda] [--size 32x64x64]
-    python benchmarks/distributed.py batchnorm [--epochs 12]
+    python benchmarks/distributed.py batchnorm [--epochs 12] [--seeds 0 1]
 
 throughput: `torchrun --standalone --nproc-per-node N -m cov3d train` on `cov3d synth` phantoms, from
 scratch, fixed batch per process, precise BN off, for --epochs epochs. Reads each run's history.csv
@@ -11,11 +11,11 @@ process gets cores / N threads, so 1 process with all cores is the baseline.
 
 batchnorm: what SyncBatchNorm would change at batch 2 per process. torch's SyncBatchNorm has no CPU
 version, but its effect can be measured exactly on CPU: 2 processes × batch 2 normalise each
-BatchNorm over 2 scans (the default, per-process statistics), while 1 process × batch 4 normalises
+BatchNorm over 2 scans (per-process statistics), while 1 process × batch 4 normalises
 over the same 4 scans that SyncBatchNorm would pool, with the same global batch, learning rate and
-number of steps. Both train r3d_18 from scratch on the demo's data (160 phantoms, 16x32x32, seed 0)
-with the demo's recipe apart from the batch. Reports per-epoch validation presence F1 and the best
-F1 of each task.
+number of steps. Both train r3d_18 from scratch on the demo's data (160 phantoms of data seed 0, 16x32x32)
+with the demo's recipe apart from the batch, once per training seed. Reports per-epoch validation
+presence F1, the best F1 of each task and the final validation loss.
 
 Writes results.json into --output.
 """
@@ -86,20 +86,24 @@ def batchnorm(args: argparse.Namespace, scratch: Path) -> dict:
     cores = os.cpu_count() or 1
     variants = {"per-process BN (2 x batch 2)": (2, 2), "global BN = SyncBatchNorm (1 x batch 4)": (1, 4)}
     results = []
-    for name, (processes, batch) in variants.items():
-        run = scratch / f"run-{processes}x{batch}"
-        seconds = torchrun(processes, max(1, cores // processes), [
-            str(data), "--output", str(run), "--cache", str(scratch / "cache"), "--no-pretrained",
-            "--depth", "16", "--width", "32", "--batch-size", str(batch), "--epochs", str(args.epochs),
-            "--seed", "0", "--device", "cpu", "--loader-workers", "0"])
-        rows = history(run)
-        results.append({"variant": name, "processes": processes, "batch_per_process": batch, "seconds": seconds,
-                        "presence_f1": [row["presence_f1"] for row in rows],
-                        "severity_f1": [row.get("severity_f1") for row in rows],
-                        "best_presence_f1": max(row["presence_f1"] for row in rows),
-                        "best_severity_f1": max(row.get("severity_f1", 0.0) for row in rows)})
-        print(f"{name}: best presence F1 {results[-1]['best_presence_f1']:.3f}, severity F1 "
-              f"{results[-1]['best_severity_f1']:.3f}, {seconds:.0f} s", flush=True)
+    for seed in args.seeds:
+        for name, (processes, batch) in variants.items():
+            run = scratch / f"run-{processes}x{batch}-seed{seed}"
+            seconds = torchrun(processes, max(1, cores // processes), [
+                str(data), "--output", str(run), "--cache", str(scratch / "cache"), "--no-pretrained",
+                "--depth", "16", "--width", "32", "--batch-size", str(batch), "--epochs", str(args.epochs),
+                "--seed", str(seed), "--device", "cpu", "--loader-workers", "0"])
+            rows = history(run)
+            results.append({"variant": name, "seed": seed, "processes": processes, "batch_per_process": batch,
+                            "seconds": seconds,
+                            "presence_f1": [row["presence_f1"] for row in rows],
+                            "severity_f1": [row.get("severity_f1") for row in rows],
+                            "final_valid_loss": rows[-1]["valid_loss"],
+                            "best_presence_f1": max(row["presence_f1"] for row in rows),
+                            "best_severity_f1": max(row.get("severity_f1", 0.0) for row in rows)})
+            print(f"{name}, seed {seed}: best presence F1 {results[-1]['best_presence_f1']:.3f} (final "
+                  f"{rows[-1]['presence_f1']:.3f}), severity F1 {results[-1]['best_severity_f1']:.3f}, final "
+                  f"valid loss {rows[-1]['valid_loss']:.3f}, {seconds:.0f} s", flush=True)
     return {"benchmark": "batchnorm", "epochs": args.epochs, "results": results}
 
 
@@ -113,6 +117,7 @@ def main() -> None:
     parser.add_argument("--scans", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="batchnorm: training seeds")
     parser.add_argument("--output", type=Path, default=Path("benchmark-distributed"))
     args = parser.parse_args()
     args.epochs = args.epochs or (3 if args.benchmark == "throughput" else 12)

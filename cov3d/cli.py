@@ -281,10 +281,11 @@ def train(
                                "local rank (auto, cuda or cpu).")
     ] = "auto",
     sync_bn: Annotated[
-        bool, typer.Option("--sync-bn/--no-sync-bn",
-                           help="Under torchrun on GPUs: BatchNorm statistics over the global batch "
-                                "(SyncBatchNorm) instead of each process's batch.")
-    ] = False,
+        Optional[bool], typer.Option("--sync-bn/--no-sync-bn",
+                                     help="Under torchrun on GPUs: BatchNorm statistics over the global batch "
+                                          "(SyncBatchNorm) instead of each process's batch (default: on for "
+                                          "distributed GPU runs, off otherwise).")
+    ] = None,
     loader_workers: Annotated[
         Optional[int], typer.Option(min=0, help="Data loader processes (default: up to 4).")
     ] = None,
@@ -515,6 +516,40 @@ def evaluate(
         if result.failures:
             _failure_table(result.failures)
             raise typer.Exit(1)
+
+
+@app.command()
+def explain(
+    scan: Annotated[Path, typer.Argument(help="One scan: a slice folder, a DICOM series folder or a volume file.")],
+    model: ModelOption,
+    output: Annotated[
+        Optional[Path], typer.Option(help="Folder for the pictures, maps and explain.json (default: explain/<scan>).")
+    ] = None,
+    tta: TtaOption = True,
+    stage: Annotated[
+        int, typer.Option(min=1, max=4, help="Backbone stage to explain: 4, the last, is Grad-CAM's usual choice; "
+                                             "an earlier stage gives a finer but less class-specific map.")
+    ] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Show where the model looks: Grad-CAM maps for presence and the predicted severity over the scan."""
+    from .atomic import check_writable
+    from .explain import explain_scan, write_explanation
+    from .predict import load_ensemble
+    from .runtime import resolve_device
+
+    with _reported():
+        target = output or Path("explain") / (scan.name.split(".")[0] or "scan")
+        check_writable(target, folder=True)
+        torch_device = resolve_device(device)
+        if not scan.exists():
+            raise Cov3dError(f"scan '{scan}' does not exist")
+        members = load_ensemble(model)
+        with _progress_bar("Explaining") as progress:
+            explanation = explain_scan(scan, members, tta=tta, stage=stage, device=torch_device, progress=progress)
+        written = write_explanation(explanation, target)
+        console.print(escape(explanation.title()), highlight=False)
+        console.print(f"Wrote {len(written)} files to {target}: " + ", ".join(p.name for p in written), soft_wrap=True)
 
 
 @app.command()

@@ -198,3 +198,15 @@ def test_sync_bn_on_cpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     config.resolved = {"device": "cpu", "precision": "fp32"}
     with pytest.raises(Cov3dError, match="--sync-bn needs CUDA GPUs"):
         make_model(config)
+
+
+@pytest.mark.parametrize("device, synced", [("cpu", False), ("cuda:0", True)])
+def test_sync_bn_by_default_on_distributed_gpus_only(monkeypatch: pytest.MonkeyPatch, device, synced) -> None:
+    from cov3d.train import TrainConfig, make_model
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: self)  # no GPU needed to build it
+    config = TrainConfig(data="d", output="o", pretrained=False).with_recipe()
+    config.resolved = {"device": device, "precision": "fp32"}
+    model = make_model(config)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) == synced

@@ -237,14 +237,15 @@ def explain_scan(
     if progress:
         progress(0, total)
     presence_sum = np.zeros((slices, height, width), dtype=np.float32)
-    presence_probabilities = []
+    member_probabilities: dict[int, torch.Tensor] = {}  # id(member) -> its (6,) probabilities, TTA mean
     for member in presence_members:
         lam = float(member.config["lambda"])
         volume_map, logits = _member_map(member, volume_of(member), partial(presence_score, lam=lam), tta, stage,
                                          device)
         presence_sum += to_original(volume_map, slices, height, width)
-        presence_probabilities.append(float(probabilities(logits, lam)[:, 0].mean()))
+        member_probabilities[id(member)] = probabilities(logits, lam).mean(dim=0)
         step()
+    presence_probabilities = [float(member_probabilities[id(m)][0]) for m in presence_members]
     explanation = Explanation(path, display.volume, display.meta, float(np.mean(presence_probabilities)), None,
                               {PRESENCE: presence_sum / len(presence_members)},
                               aspect_depth=presence_members[0].size.depth / presence_members[0].size.width)
@@ -253,10 +254,13 @@ def explain_scan(
     # Every severity member explains the same class: the one the ensemble predicts.
     fours = []
     for member in severity_members:
-        with torch.inference_mode():
-            batch = _passes(volume_of(member), tta).to(device)
-            probs = probabilities(member.model.to(device)(batch).float(), float(member.config["lambda"]))
-        four = probs[:, 2:6].mean(dim=0).cpu().numpy()
+        probs = member_probabilities.get(id(member))  # a member that answers both tasks ran already
+        if probs is None:
+            with torch.inference_mode():
+                batch = _passes(volume_of(member), tta).to(device)
+                probs = probabilities(member.model.to(device)(batch).float(), float(member.config["lambda"]))
+            probs = probs.mean(dim=0)
+        four = probs[2:6].cpu().numpy()
         fours.append(four / max(float(four.sum()), 1e-12))
         step()
     explanation.severity = np.mean(fours, axis=0)

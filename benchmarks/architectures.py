@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe_machine  # noqa: E402  (the CPU and peak every figure is printed beside)
 
 SIZE = (64, 128)  # depth, width: the paper's small size
 LEARN_SIZE = (16, 32)
@@ -137,6 +139,7 @@ def main() -> None:
             print(json.dumps(measure_learning(arch, args.data, args.cache, args.epochs)))
         return
 
+    print(describe_machine(), flush=True)
     archs = args.arch or list(ARCHS)
     results: dict[str, dict] = {arch: {} for arch in archs}
     print(f"torch threads {os.cpu_count()} cores; cost at {SIZE[0]}x{SIZE[1]}x{SIZE[1]}", flush=True)

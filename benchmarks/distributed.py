@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe_machine  # noqa: E402  (the CPU and peak every figure is printed beside)
 
 def torchrun(processes: int, threads: int, args: list[str]) -> float:
     environ = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="batchnorm: training seeds")
     parser.add_argument("--output", type=Path, default=Path("benchmark-distributed"))
     args = parser.parse_args()
+    print(describe_machine(), flush=True)
     args.epochs = args.epochs or (3 if args.benchmark == "throughput" else 12)
     with tempfile.TemporaryDirectory() as scratch:
         result = (throughput if args.benchmark == "throughput" else batchnorm)(args, Path(scratch))

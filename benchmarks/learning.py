@@ -20,10 +20,13 @@ into --output.
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import tempfile
 import time
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe_machine  # noqa: E402  (the CPU and peak every figure is printed beside)
 
 VARIANTS = {
     "running-bn": {"bn_scans": 0},
@@ -84,6 +87,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--output", type=Path, default=Path("learning-results"))
     args = parser.parse_args()
+    print(describe_machine(), flush=True)
 
     from cov3d.preprocess import Size, preprocess_dataset
     from cov3d.synth import synthesize

@@ -12,6 +12,7 @@ residual stage a model trained from scratch on so few scans did not learn within
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe_machine  # noqa: E402  (the CPU and peak every figure is printed beside)
 from cov3d.errors import Cov3dError
 from cov3d.train import TrainConfig, train
 
@@ -56,6 +59,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    print(describe_machine(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         make_dataset(data, args.scans, args.seed)

@@ -4,9 +4,10 @@
 
 Runs the r3d_18 Cov3d network (random initialisation with a fixed seed, or the
 presence checkpoint of --model RUN) over synthetic chest-like volumes, in fp32
-eager and in bf16 autocast with channels_last_3d, batch size 1 and 2, and
-compares the two: share of scans with the same label at threshold 0.5 and the
-largest difference in P(covid). Target (issue 4, 2 CPU cores, 64x128x128):
+eager, in cov3d's fp32 CPU path (BatchNorm folded) and, where this CPU has
+native bf16 (or with --bf16), in bf16 autocast with channels_last_3d, batch
+size 1 and 2, and compares each with fp32 eager: share of scans with the same
+label at threshold 0.5 and the largest difference in P(covid). Target (issue 4, 2 CPU cores, 64x128x128):
 ≤ 1.0 s per scan per TTA pass, same label on ≥ 99% of scans, probabilities
 within 0.02. Then times `predict_scans` end to end on JPEG scans (reading and
 preprocessing in background workers, TTA on).
@@ -25,11 +26,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe_machine  # noqa: E402  (the CPU and peak every figure is printed beside)
 from preprocess import make_scan  # noqa: E402  (the synthetic JPEG scan of the preprocessing benchmark)
 
 from cov3d.loss import probabilities  # noqa: E402
 from cov3d.archs import build_model  # noqa: E402
-from cov3d.predict import Member, load_ensemble, predict_scans  # noqa: E402
+from cov3d.precision import cpu_bf16  # noqa: E402
+from cov3d.predict import Member, inference_runner, load_ensemble, predict_scans  # noqa: E402
 from cov3d.preprocess import resolve_size  # noqa: E402
 
 
@@ -63,7 +66,9 @@ def main() -> None:
     parser.add_argument("--size", default="small")
     parser.add_argument("--model", type=Path, help="a cov3d run directory (default: random initialisation)")
     parser.add_argument("--end-to-end", type=int, default=4, help="JPEG scans for the predict_scans timing (0 skips)")
+    parser.add_argument("--bf16", action="store_true", help="time bf16 even where this CPU emulates it (slow)")
     args = parser.parse_args()
+    print(describe_machine(), flush=True)
     size = resolve_size(args.size)
     torch.manual_seed(0)
     if args.model:
@@ -74,31 +79,39 @@ def main() -> None:
         model, lam = build_model("r3d_18", pretrained=False).eval(), 0.1
     print(f"size {size.name}, {torch.get_num_threads()} threads, model: {args.model or 'random init (seed 0)'}")
     data = volumes(args.scans, size.depth, size.width)
+    native, _ = cpu_bf16()
+    modes = {"fp32 eager": model, "fp32 cov3d": inference_runner(model, torch.device("cpu"), "fp32")}
+    if native or args.bf16:
+        modes["bf16"] = model
     results = {}
-    for mode in ("fp32", "bf16"):
-        model.to(memory_format=torch.channels_last_3d if mode == "bf16" else torch.contiguous_format)
+    for mode, module in modes.items():
+        module.to(memory_format=torch.channels_last_3d if mode == "bf16" else torch.contiguous_format)
+        kind = "bf16" if mode == "bf16" else "fp32"
         for batch_size in (1, 2):
-            run(model, torch.stack(data[:batch_size]), mode, lam)  # warm-up
+            run(module, torch.stack(data[:batch_size]), kind, lam)  # warm-up
             times, probs = [], []
             for start in range(0, len(data), batch_size):
                 batch = torch.stack(data[start:start + batch_size])
                 tic = time.perf_counter()
-                probs.append(run(model, batch, mode, lam))
+                probs.append(run(module, batch, kind, lam))
                 times.append((time.perf_counter() - tic) / len(batch))
             results[mode] = torch.cat(probs)
-            print(f"{mode:<5} batch {batch_size}: {statistics.median(times):.3f} s per scan per pass "
-                  f"(median over {len(times)} batches)")
-    fp32, bf16 = results["fp32"], results["bf16"]
-    same = float(((fp32 >= 0.5) == (bf16 >= 0.5)).float().mean())
-    print(f"bf16 vs fp32: same label on {same:.1%} of {len(fp32)} scans; largest |ΔP(covid)| "
-          f"{float((fp32 - bf16).abs().max()):.4f}; P(covid) range {float(fp32.min()):.3f}..{float(fp32.max()):.3f}")
+            print(f"{mode:<10} batch {batch_size}: {statistics.median(times):.3f} s per scan per pass "
+                  f"(median over {len(times)} batches)", flush=True)
+    reference = results["fp32 eager"]
+    for mode in [m for m in results if m != "fp32 eager"]:
+        other = results[mode]
+        same = float(((reference >= 0.5) == (other >= 0.5)).float().mean())
+        print(f"{mode} vs fp32 eager: same label on {same:.1%} of {len(other)} scans; largest |ΔP(covid)| "
+              f"{float((reference - other).abs().max()):.2e}; P(covid) range "
+              f"{float(reference.min()):.3f}..{float(reference.max()):.3f}")
 
     if args.end_to_end:
         with tempfile.TemporaryDirectory() as tmp:
             scans = [make_scan(Path(tmp) / f"scan{i}", 120, seed=i) for i in range(args.end_to_end)]
             member = Member(Path("benchmark"), model, {"depth": size.depth, "width": size.width, "lambda": lam,
                                                        "outputs": []}, presence=True, severity=True)
-            for precision in ("fp32", "bf16"):
+            for precision in ["auto", "fp32"] + (["bf16"] if "bf16" in modes else []):
                 tic = time.perf_counter()
                 predict_scans(scans, [member], tta=True, precision=precision, batch_size=2)
                 elapsed = time.perf_counter() - tic

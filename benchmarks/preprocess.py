@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe_machine  # noqa: E402  (the CPU and peak every figure is printed beside)
 from cov3d.io import SLICE_SUFFIXES, natural_key
 from cov3d.preprocess import Size, preprocess_dataset, preprocess_volume, resolve_size
 
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long-slices", type=int, default=1201, help="slices of the memory test scan (0 skips it)")
     args = parser.parse_args()
+    print(describe_machine(), flush=True)
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -14,11 +14,14 @@ they fill (what a map spread evenly would give), and writes results.json.
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import statistics
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe_machine  # noqa: E402  (the CPU and peak every figure is printed beside)
 
 def main() -> None:
     from cov3d.demo import STATE
@@ -32,6 +35,7 @@ def main() -> None:
     parser.add_argument("--split", default="validation")
     parser.add_argument("--output", type=Path, default=Path("benchmark-saliency"))
     args = parser.parse_args()
+    print(describe_machine(), flush=True)
     settings = json.loads((args.demo / STATE).read_text())["settings"]
     members = load_ensemble([args.demo / "run" / "presence.pt"])
     rows = []

@@ -12,6 +12,7 @@ batches per second a DataLoader reads from float16 cache files. Targets
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 import resource
 import statistics
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe_machine  # noqa: E402  (the CPU and peak every figure is printed beside)
 from cov3d.data import ScanDataset
 from cov3d.loss import Cov3dLoss
 from cov3d.archs import build_model
@@ -87,6 +90,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--loader-workers", type=int, default=min(4, os.cpu_count() or 1))
     args = parser.parse_args()
+    print(describe_machine(), flush=True)
     device = torch.device(args.device)
     sizes = (args.sizes or ("small,medium,large" if device.type == "cuda" else "small")).split(",")
     mixed_name = "fp16+channels_last_3d" if device.type == "cuda" else "bf16 autocast"

@@ -274,7 +274,8 @@ def train(
     ] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
     precision: Annotated[
-        Precision, typer.Option(help="auto: fp16 mixed precision on CUDA, fp32 on CPU; or fp32, bf16, fp16.")
+        Precision, typer.Option(help="auto: fp16 mixed precision on CUDA, fp32 on CPU; or fp32, bf16 (slow where the CPU "
+                                "has no native bf16), fp16.")
     ] = Precision.auto,
     device: Annotated[
         str, typer.Option(help="auto, cpu, cuda or cuda:N. Under torchrun each process takes the GPU of its "
@@ -381,7 +382,8 @@ TtaOption = Annotated[
     bool, typer.Option("--tta/--no-tta", help="Average each scan with its sagittal reflection.")
 ]
 InferencePrecision = Annotated[
-    Precision, typer.Option(help="auto: fp16 on CUDA, bf16 + channels_last_3d on CPU; or fp32, bf16, fp16.")
+    Precision, typer.Option(help="auto: fp16 on CUDA; on a CPU bf16 where it is native (AVX512-BF16 or AMX), "
+                                "else fp32; or fp32, bf16, fp16.")
 ]
 LoaderWorkers = Annotated[
     Optional[int], typer.Option(min=0, help="Processes reading scans ahead of the model (default: up to 4).")

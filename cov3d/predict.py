@@ -31,6 +31,7 @@ from .loss import SEVERITY_NAMES, probabilities
 from .preprocess import (
     MANIFEST, Size, default_cache_dir, load_cached, preprocess_volume, read_manifest, size_dir, source_stamp,
 )
+from .precision import DTYPES, fold_batchnorm, resolve_precision
 from .runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -186,26 +187,28 @@ class Prediction:
     severity: list[np.ndarray] = field(default_factory=list)  # P(mild…critical | covid), one per severity member
 
 
-def _forward(member: Member, batch: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
-        return probabilities(member.model(batch).float(), float(member.config["lambda"]))
+def _forward(model: torch.nn.Module, lam: float, batch: torch.Tensor, device: torch.device,
+             precision: str) -> torch.Tensor:
+    with torch.inference_mode(), torch.autocast(device.type, dtype=DTYPES.get(precision, torch.bfloat16),
+                                                enabled=precision != "fp32"):
+        return probabilities(model(batch).float(), lam)
 
 
-def _run(members: list[Member], batch: torch.Tensor, tta: bool, device: torch.device, precision: str,
-         channels_last: bool):
+def _run(members: list[Member], runners: list[torch.nn.Module], batch: torch.Tensor, tta: bool,
+         device: torch.device, precision: str, channels_last: bool):
     if tta:
         batch = torch.cat([batch, reflect(batch)])
     batch = batch.to(device)
     if channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last_3d)
     outputs = []
-    for member in members:
-        probs = _forward(member, batch, device, precision)
+    for member, runner in zip(members, runners):
+        lam = float(member.config["lambda"])
+        probs = _forward(runner, lam, batch, device, precision)
         if precision != "fp32" and not torch.isfinite(probs).all():
             # Reduced precision overflowed on this batch: answer it in fp32 rather than with NaN.
             log.warning("non-finite %s output from %s; recomputing the batch in fp32", precision, member.path)
-            probs = _forward(member, batch, device, "fp32")
+            probs = _forward(member.model, lam, batch, device, "fp32")
         if tta:  # the mean of the scan and its sagittal reflection
             half = probs.shape[0] // 2
             probs = (probs[:half] + probs[half:]) / 2
@@ -213,13 +216,17 @@ def _run(members: list[Member], batch: torch.Tensor, tta: bool, device: torch.de
     return outputs
 
 
-def resolve_inference_precision(precision: str, device: torch.device) -> str:
-    """'auto': fp16 on CUDA, bf16 with channels_last_3d on CPU (see docs/performance.md for the check)."""
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "bf16"
-    if precision == "fp16" and device.type != "cuda":
-        raise Cov3dError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    return precision
+def inference_runner(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+    """The module that answers for `model`: on a CPU in fp32, a copy with BatchNorm folded into the convolutions.
+
+    Folding was measured faster or equal on every CPU tried, with probabilities
+    within 1e-6 (docs/performance.md); models it cannot trace run as they are.
+    """
+    if device.type == "cpu" and precision == "fp32":
+        folded = fold_batchnorm(model)
+        if folded is not None:
+            return folded
+    return model
 
 
 def predict_scans(
@@ -236,18 +243,20 @@ def predict_scans(
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Ensemble probabilities for every scan; (path, reason) for scans that could not be read."""
     torch_device = resolve_device(device)
-    precision = resolve_inference_precision(precision, torch_device)
-    # channels_last_3d is the fast layout for reduced precision on CPU and for any GPU work.
+    precision = resolve_precision(precision, torch_device, "inference").precision
+    # channels_last_3d is the fast layout for reduced precision on CPU and for any GPU work; in fp32 on a CPU it
+    # was slower on AVX2 and no faster on AVX-512 once BatchNorm is folded (docs/performance.md).
     channels_last = precision != "fp32" or torch_device.type == "cuda"
     for member in members:
         member.model.to(torch_device)
         if channels_last:
             member.model.to(memory_format=memory_format(member.config["arch"]))
+    runners = [inference_runner(member.model, torch_device, precision) for member in members]
     predictions = [Prediction(scan) for scan in scans]
     failures: dict[int, str] = {}
-    groups: dict[tuple[Size, tuple[float, float]], list[Member]] = {}
-    for member in members:
-        groups.setdefault((member.size, member.window), []).append(member)
+    groups: dict[tuple[Size, tuple[float, float]], list[tuple[Member, torch.nn.Module]]] = {}
+    for member, runner in zip(members, runners):
+        groups.setdefault((member.size, member.window), []).append((member, runner))
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     total, done = len(scans) * len(groups), 0
     if progress:
@@ -263,8 +272,9 @@ def predict_scans(
             if not pending:
                 return
             indices = [i for i, _ in pending]
-            outputs = _run(group, torch.stack([t for _, t in pending]), tta, torch_device, precision, channels_last)
-            for member, probs in zip(group, outputs):
+            outputs = _run([m for m, _ in group], [r for _, r in group], torch.stack([t for _, t in pending]), tta,
+                           torch_device, precision, channels_last)
+            for (member, _), probs in zip(group, outputs):
                 for row, i in enumerate(indices):
                     if member.presence:
                         predictions[i].presence.append(float(probs[row, 0]))

@@ -39,6 +39,7 @@ from .errors import Cov3dError
 from .io import DEFAULT_WINDOW
 from .loss import SEVERITY_WEIGHTINGS, Cov3dLoss
 from .model import POOLS
+from .precision import PRECISIONS, resolve_precision
 from .preprocess import preprocess_dataset, resolve_size
 from .runtime import guard_cpu_bf16_conv3d, resolve_device, seed_everything, versions
 
@@ -148,8 +149,8 @@ class TrainConfig:
             raise Cov3dError(f"--epochs {self.epochs} and --batch-size {self.batch_size} must be at least 1")
         if self.lr <= 0:
             raise Cov3dError(f"--lr {self.lr} must be positive")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise Cov3dError(f"--precision {self.precision} is not one of auto, fp32, bf16, fp16")
+        if self.precision not in PRECISIONS:
+            raise Cov3dError(f"--precision {self.precision} is not one of {', '.join(PRECISIONS)}")
         if self.pool not in POOLS:
             raise Cov3dError(f"--pool {self.pool} is not one of {', '.join(POOLS)}")
         if not 0.0 < self.crop <= 1.0:
@@ -164,15 +165,6 @@ class TrainConfig:
         if self.slices and spec.input != SLICES:
             raise Cov3dError(f"--slices applies to 2D slice models only, not --arch {self.arch}; leave it out")
         resolve_pretrained(self.arch, self.pretrained, len(self.weights))
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is fp16 mixed precision on CUDA and fp32 on CPU (see docs/training.md for why)."""
-    if precision != "auto":
-        if precision == "fp16" and device.type != "cuda":
-            raise Cov3dError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-        return precision
-    return "fp16" if device.type == "cuda" else "fp32"
 
 
 @dataclass
@@ -229,7 +221,7 @@ def prepare_data(config: TrainConfig, on_preprocess: Callable[[int, int], None] 
     """Bring the cache up to date, load the splits, and record the resolved settings in `config.resolved`."""
     size = resolve_size(config.size, config.depth, config.width)
     device = distributed.device() if distributed.world_size() > 1 else resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
+    precision = resolve_precision(config.precision, device, "training")
     # Rank 0 brings the cache up to date while the others wait; all then read its manifest.
     outcome = _preprocess(config, size, on_preprocess) if distributed.is_main() else None
     kind, value = distributed.from_main(outcome)
@@ -251,7 +243,7 @@ def prepare_data(config: TrainConfig, on_preprocess: Callable[[int, int], None] 
         "class_weights": {"non-covid": splits.weights[0], "covid": splits.weights[1]},
         "severity_class_weights": dict(zip(["non-covid", "mild", "moderate", "severe", "critical", "unknown"],
                                            splits.severity_weights)),
-        "counts": splits.counts, "device": str(device), "precision": precision,
+        "counts": splits.counts, "device": str(device), **precision.record(),
         "loader_workers": loader_workers, "versions": versions(),
         "world_size": world, "global_batch_size": config.batch_size * world,
     }

@@ -9,7 +9,7 @@ after a warm-up; random initialisation, seed 0) in:
 - fp32 cov3d: what `predict` runs in fp32 on a CPU (BatchNorm folded into the convolutions);
 - bf16: autocast with channels_last_3d, timed only where this CPU has native bf16 (or with --bf16:
   emulated bf16 can take minutes a pass);
-- auto: what `--precision auto` resolves to here, and its time.
+- auto: what `--precision auto` runs here (bf16 only where native and timed faster than fp32), and its time.
 
 Then r3d_18's achieved GFLOP/s at 64x128x128 (415.4 GFLOP a scan, counted from its convolutions) against
 the nominal fp32 peak and the measured GEMM rate. Prints the machine first (benchmarks/machine.py).
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine, nominal_peak, sgemm_gflops  # noqa: E402
 
 from cov3d.archs import ARCHS, build_model, memory_format  # noqa: E402
-from cov3d.precision import cpu_bf16, resolve_precision  # noqa: E402
+from cov3d.precision import cpu_bf16, faster_of_fp32_and_bf16, resolve_precision  # noqa: E402
 from cov3d.predict import inference_runner  # noqa: E402
 
 
@@ -96,7 +97,9 @@ def main() -> None:
     print(describe_machine(measure=True), flush=True)
     native, _ = cpu_bf16()
     auto = resolve_precision("auto", "cpu", "inference")
-    print(f"--precision auto for inference here: {auto.precision} ({auto.reason})\n", flush=True)
+    print(f"--precision auto for inference here: {auto.precision} ({auto.reason}); per model and size, predict "
+          "keeps bf16 only where it times faster than fp32\n", flush=True)
+    scratch = Path(tempfile.mkdtemp())
     print(f"seconds per forward pass, batch {args.batch}, median of {args.repeats}")
     print("| arch | size | fp32 eager | fp32 cov3d | bf16 | auto | auto ÷ fp32 eager |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -104,10 +107,14 @@ def main() -> None:
         depth, width = (int(v) for v in size.split("x"))
         for arch in args.arch:
             times = time_modes(arch, depth, width, args.batch, args.repeats, native or args.bf16)
-            auto_time = times["bf16"] if auto.precision == "bf16" else times["fp32 cov3d"]
+            chosen = auto
+            if auto.precision == "bf16":  # predict's rule, applied to these timings
+                chosen = faster_of_fp32_and_bf16(auto, f"{arch} {size}", lambda: (times["fp32 cov3d"], times["bf16"]),
+                                                 cache=scratch)
+            auto_time = times["bf16"] if chosen.precision == "bf16" else times["fp32 cov3d"]
             bf16 = f"{times['bf16']:.3f}" if "bf16" in times else "(emulated: not timed)"
             print(f"| {arch} | {depth}x{width}x{width} | {times['fp32 eager']:.3f} | {times['fp32 cov3d']:.3f} | "
-                  f"{bf16} | {auto_time:.3f} ({auto.precision}) | {auto_time / times['fp32 eager']:.2f} |",
+                  f"{bf16} | {auto_time:.3f} ({chosen.precision}) | {auto_time / times['fp32 eager']:.2f} |",
                   flush=True)
     torch.manual_seed(0)
     model = build_model("r3d_18", pretrained=False).eval()

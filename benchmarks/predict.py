@@ -109,7 +109,7 @@ def main() -> None:
     if args.end_to_end:
         with tempfile.TemporaryDirectory() as tmp:
             scans = [make_scan(Path(tmp) / f"scan{i}", 120, seed=i) for i in range(args.end_to_end)]
-            member = Member(Path("benchmark"), model, {"depth": size.depth, "width": size.width, "lambda": lam,
+            member = Member(Path("benchmark"), model, {"arch": "r3d_18", "depth": size.depth, "width": size.width, "lambda": lam,
                                                        "outputs": []}, presence=True, severity=True)
             for precision in ["auto", "fp32"] + (["bf16"] if "bf16" in modes else []):
                 tic = time.perf_counter()

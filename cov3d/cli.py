@@ -264,7 +264,7 @@ def train(
     bn_scans: Annotated[
         int, typer.Option(min=0, help="Re-estimate BatchNorm statistics on this many training scans before each "
                                       "validation (precise BN); 0: off.")
-    ] = 200,
+    ] = 64,
     crop: Annotated[
         float, typer.Option(help="Random crop (seed 004): keep at least this fraction of each axis, resize back; "
                                  "1 = off.")

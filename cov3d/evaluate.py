@@ -15,7 +15,6 @@ from .atomic import replacing, write_csv, write_text
 from .catalog import catalog
 from .errors import Cov3dError
 from .loss import SEVERITY_NAMES
-from .precision import resolve_precision
 from .predict import CSV_COLUMNS, load_ensemble, parse_threshold, predict_scans, prediction_rows
 from .runtime import resolve_device
 
@@ -64,9 +63,7 @@ def evaluate(
                          f"{split}/covid and {split}/non-covid folders")
     members = load_ensemble(models)
     by_path = {(data / r.path): r for r in records}
-    chosen_precision = resolve_precision(precision, resolve_device(device), "inference")
-    predictions, failures = predict_scans(list(by_path), members, tta=tta, device=device,
-                                          precision=chosen_precision.precision,
+    predictions, failures = predict_scans(list(by_path), members, tta=tta, device=device, precision=precision,
                                           workers=workers, roots=[data], progress=progress)
     if not predictions:
         return Evaluation(None, [], failures, None, np.zeros((2, 2), dtype=int), None)
@@ -88,7 +85,9 @@ def evaluate(
         "threshold_method": method,
         # Youden's threshold is fitted on the scans it is scored on: those scores are optimistic.
         "threshold_in_sample": method == "youden", "models": [str(m.path) for m in members], "tta": tta,
-        "device": str(resolve_device(device)), **chosen_precision.record(),
+        "device": str(resolve_device(device)),
+        # each model's precision as predict chose it, with the reason (auto: from the hardware and a measurement)
+        "precision": [{"model": str(m.path), **m.precision.record()} for m in members if m.precision],
         "presence": {
             "macro_f1": float(f1_score(truth, predicted, average="macro", labels=[0, 1], zero_division=0)),
             "f1": dict(zip(PRESENCE_NAMES, map(float, f1_score(truth, predicted, average=None, labels=[0, 1],

@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -136,9 +137,14 @@ def time_bf16(repeats: int = 3) -> tuple[float, float]:
     return seconds["fp32"], seconds["bf16"]
 
 
-def measured_bf16(info: CpuInfo, cache: Path | None) -> tuple[bool, str]:
-    """Native bf16 by measurement: bf16 must beat fp32 on a small convolution. Cached per machine in `cache`."""
-    key = _fingerprint(info)
+def cached_timing(name: str, measure: Callable[[], tuple[float, float]], cache: Path | None) -> tuple[float, float]:
+    """(fp32, bf16) seconds of `name` on this machine: from `cache`'s measurement file, else measured and saved.
+
+    Entries are keyed by the machine's fingerprint (CPU, capability, threads,
+    instruction-set limit, torch version) and `name`, so another CPU or torch
+    measures again. An unreadable or unwritable file only costs a measurement.
+    """
+    key = f"{_fingerprint(cpu_info())}:{name}"
     file = cache / MEASUREMENT_FILE if cache else None
     saved: dict = {}
     if file is not None and file.is_file():
@@ -146,19 +152,34 @@ def measured_bf16(info: CpuInfo, cache: Path | None) -> tuple[bool, str]:
             saved = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             saved = {}
-    entry = saved.get(key) if isinstance(saved, dict) else None
-    if not (isinstance(entry, dict) and {"fp32", "bf16"} <= entry.keys()):
-        fp32, bf16 = time_bf16()
-        entry = {"fp32": fp32, "bf16": bf16, "cpu": info.describe()}
-        if file is not None:
-            try:
-                atomic.write_text(file, json.dumps({**saved, key: entry}, indent=2) + "\n")
-            except OSError as error:  # an unwritable cache costs a re-measurement next time, nothing else
-                log.debug("could not cache the bf16 measurement in %s: %s", file, error)
-    native = entry["bf16"] < 0.8 * entry["fp32"]
-    ratio = entry["bf16"] / entry["fp32"] if entry["fp32"] else float("inf")
+    saved = saved if isinstance(saved, dict) else {}
+    entry = saved.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("fp32"), float) and isinstance(entry.get("bf16"), float):
+        return entry["fp32"], entry["bf16"]
+    fp32, bf16 = measure()
+    if file is not None:
+        try:
+            atomic.write_text(file, json.dumps({**saved, key: {"fp32": fp32, "bf16": bf16,
+                                                                "cpu": cpu_info().describe()}}, indent=2) + "\n")
+        except OSError as error:
+            log.debug("could not cache the precision measurement in %s: %s", file, error)
+    return fp32, bf16
+
+
+def measured_bf16(info: CpuInfo, cache: Path | None) -> tuple[bool, str]:
+    """Native bf16 by measurement: bf16 must beat fp32 on a small convolution. Cached per machine in `cache`."""
+    fp32, bf16 = cached_timing("conv3d-probe", lambda: time_bf16(), cache)
+    native = bf16 < 0.8 * fp32
+    ratio = bf16 / fp32 if fp32 else float("inf")
     how = "natively" if native else "no faster than fp32, so it is likely emulated"
     return native, f"bf16 measured {ratio:.2f}× fp32's time on this CPU: computed {how}"
+
+
+def default_cache() -> Path:
+    """Where measurements are cached: the user cache folder (see :func:`cov3d.preprocess.cache_root`)."""
+    from .preprocess import cache_root  # a leaf helper; imported here to keep this module light
+
+    return cache_root()
 
 
 def cpu_bf16(cache: Path | None = None) -> tuple[bool, str]:
@@ -167,11 +188,7 @@ def cpu_bf16(cache: Path | None = None) -> tuple[bool, str]:
     verdict, reason = hardware_bf16(info)
     if verdict is not None:
         return verdict, reason
-    if cache is None:
-        from .preprocess import cache_root  # a leaf helper; imported here to keep this module light
-
-        cache = cache_root()
-    native, measured = measured_bf16(info, cache)
+    native, measured = measured_bf16(info, cache or default_cache())
     return native, f"{reason}; {measured}"
 
 
@@ -201,8 +218,10 @@ def resolve_precision(requested: str, device: torch.device | str, task: str = "i
     """The precision a run uses: `requested` if explicit (checked against the device), else by the hardware.
 
     auto: fp16 mixed precision on CUDA. On a CPU, inference takes bf16 only where
-    the CPU computes it natively and fp32 elsewhere; training takes fp32 (bf16
-    training lowered validation F1 on the demo, see docs/performance.md).
+    the CPU computes it natively and fp32 elsewhere (`predict` then also checks,
+    per model and input size, that bf16 is the faster: see
+    :func:`faster_of_fp32_and_bf16`); training takes fp32 (bf16 training lowered
+    validation F1 on the demo, see docs/performance.md).
     """
     device = torch.device(device)
     if requested not in PRECISIONS:
@@ -232,6 +251,22 @@ def resolve_precision(requested: str, device: torch.device | str, task: str = "i
         choice = Choice("bf16", why) if native else Choice("fp32", why)
     _announce(choice)
     return choice
+
+
+def faster_of_fp32_and_bf16(choice: Choice, name: str, measure: Callable[[], tuple[float, float]],
+                            cache: Path | None = None) -> Choice:
+    """`choice` (auto's bf16 on a CPU) kept only if bf16 beats fp32 for the workload `name`, else fp32.
+
+    Native bf16 still lost to fp32 for small inputs and grouped or 2D networks
+    (regnet3d, resnet50 at 16×32×32: docs/performance.md), so auto never picks
+    the slower one: `measure()` times both once per machine and workload.
+    """
+    fp32, bf16 = cached_timing(name, measure, cache or default_cache())
+    if bf16 < fp32:
+        return choice
+    slower = Choice("fp32", f"{choice.reason}, but bf16 measured {bf16 / fp32:.2f}× fp32's time for {name}")
+    _announce(slower)
+    return slower
 
 
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from .loss import SEVERITY_NAMES, probabilities
 from .preprocess import (
     MANIFEST, Size, default_cache_dir, load_cached, preprocess_volume, read_manifest, size_dir, source_stamp,
 )
-from .precision import DTYPES, fold_batchnorm, resolve_precision
+from .precision import DTYPES, Choice, faster_of_fp32_and_bf16, fold_batchnorm, resolve_precision
 from .runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Member:
     config: dict
     presence: bool
     severity: bool
+    precision: Choice | None = None  # set by predict_scans: the precision this member ran in, and why
 
     @property
     def size(self) -> Size:
@@ -194,21 +196,29 @@ def _forward(model: torch.nn.Module, lam: float, batch: torch.Tensor, device: to
         return probabilities(model(batch).float(), lam)
 
 
-def _run(members: list[Member], runners: list[torch.nn.Module], batch: torch.Tensor, tta: bool,
-         device: torch.device, precision: str, channels_last: bool):
+@dataclass
+class _Runner:
+    """How one member runs here: the module, its precision and whether inputs go channels-last."""
+
+    module: torch.nn.Module
+    precision: str
+    channels_last: bool
+
+
+def _run(members: list[Member], runners: list[_Runner], batch: torch.Tensor, tta: bool, device: torch.device):
     if tta:
         batch = torch.cat([batch, reflect(batch)])
     batch = batch.to(device)
-    if channels_last:
-        batch = batch.contiguous(memory_format=torch.channels_last_3d)
     outputs = []
     for member, runner in zip(members, runners):
         lam = float(member.config["lambda"])
-        probs = _forward(runner, lam, batch, device, precision)
-        if precision != "fp32" and not torch.isfinite(probs).all():
+        inputs = batch.contiguous(memory_format=torch.channels_last_3d) if runner.channels_last else batch
+        probs = _forward(runner.module, lam, inputs, device, runner.precision)
+        if runner.precision != "fp32" and not torch.isfinite(probs).all():
             # Reduced precision overflowed on this batch: answer it in fp32 rather than with NaN.
-            log.warning("non-finite %s output from %s; recomputing the batch in fp32", precision, member.path)
-            probs = _forward(member.model, lam, batch, device, "fp32")
+            log.warning("non-finite %s output from %s; recomputing the batch in fp32", runner.precision,
+                        member.path)
+            probs = _forward(member.model, lam, inputs, device, "fp32")
         if tta:  # the mean of the scan and its sagittal reflection
             half = probs.shape[0] // 2
             probs = (probs[:half] + probs[half:]) / 2
@@ -229,6 +239,38 @@ def inference_runner(model: torch.nn.Module, device: torch.device, precision: st
     return model
 
 
+def _prepare(member: Member, device: torch.device, choice: Choice, auto: bool, batch: int) -> _Runner:
+    """The member on `device` in the precision it runs in; auto's CPU bf16 only where it measured faster."""
+    member.model.to(device)
+    arch = member.config["arch"]
+    if auto and device.type == "cpu" and choice.precision == "bf16":
+        shape = (batch, 1, member.size.depth, member.size.width, member.size.width)
+        choice = faster_of_fp32_and_bf16(choice, f"{arch} at {'x'.join(map(str, shape))}",
+                                         lambda: _time_both(member.model, arch, shape))
+    member.precision = choice
+    # channels_last_3d is the fast layout for reduced precision on CPU and for any GPU work; in fp32 on a CPU
+    # it was slower on AVX2 (docs/performance.md).
+    channels_last = choice.precision != "fp32" or device.type == "cuda"
+    member.model.to(memory_format=memory_format(arch) if channels_last else torch.contiguous_format)
+    return _Runner(inference_runner(member.model, device, choice.precision), choice.precision, channels_last)
+
+
+def _time_both(model: torch.nn.Module, arch: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """Seconds of one forward pass of `model` on a random batch of `shape`, in fp32 and in bf16, each as run."""
+    cpu = torch.device("cpu")
+    x = torch.rand(shape)
+    seconds = []
+    for precision in ("fp32", "bf16"):
+        layout = memory_format(arch) if precision == "bf16" else torch.contiguous_format
+        module = inference_runner(model.to(memory_format=layout), cpu, precision)
+        inputs = x.contiguous(memory_format=torch.channels_last_3d) if precision == "bf16" else x
+        _forward(module, 0.1, inputs, cpu, precision)  # warm-up: oneDNN builds its kernels on the first call
+        start = time.perf_counter()
+        _forward(module, 0.1, inputs, cpu, precision)
+        seconds.append(time.perf_counter() - start)
+    return seconds[0], seconds[1]
+
+
 def predict_scans(
     scans: list[Path],
     members: list[Member],
@@ -241,20 +283,17 @@ def predict_scans(
     roots: Sequence[Path] = (),
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    """Ensemble probabilities for every scan; (path, reason) for scans that could not be read."""
+    """Ensemble probabilities for every scan; (path, reason) for scans that could not be read.
+
+    Each member's precision is recorded on it (`member.precision`).
+    """
     torch_device = resolve_device(device)
-    precision = resolve_precision(precision, torch_device, "inference").precision
-    # channels_last_3d is the fast layout for reduced precision on CPU and for any GPU work; in fp32 on a CPU it
-    # was slower on AVX2 and no faster on AVX-512 once BatchNorm is folded (docs/performance.md).
-    channels_last = precision != "fp32" or torch_device.type == "cuda"
-    for member in members:
-        member.model.to(torch_device)
-        if channels_last:
-            member.model.to(memory_format=memory_format(member.config["arch"]))
-    runners = [inference_runner(member.model, torch_device, precision) for member in members]
+    choice = resolve_precision(precision, torch_device, "inference")
+    batch = max(1, min(batch_size, len(scans))) * (2 if tta else 1)
+    runners = [_prepare(member, torch_device, choice, precision == "auto", batch) for member in members]
     predictions = [Prediction(scan) for scan in scans]
     failures: dict[int, str] = {}
-    groups: dict[tuple[Size, tuple[float, float]], list[tuple[Member, torch.nn.Module]]] = {}
+    groups: dict[tuple[Size, tuple[float, float]], list[tuple[Member, _Runner]]] = {}
     for member, runner in zip(members, runners):
         groups.setdefault((member.size, member.window), []).append((member, runner))
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
@@ -273,7 +312,7 @@ def predict_scans(
                 return
             indices = [i for i, _ in pending]
             outputs = _run([m for m, _ in group], [r for _, r in group], torch.stack([t for _, t in pending]), tta,
-                           torch_device, precision, channels_last)
+                           torch_device)
             for (member, _), probs in zip(group, outputs):
                 for row, i in enumerate(indices):
                     if member.presence:

@@ -219,3 +219,25 @@ def test_folded_batchnorm_computes_the_same_function(arch):
 def test_models_that_cannot_be_traced_are_left_as_they_are():
     slice_arch = next(a for a in ARCHS if ARCHS[a].input == "slices")
     assert chooser.fold_batchnorm(build_model(slice_arch, pretrained=False)) is None
+
+
+def test_auto_keeps_bf16_only_for_models_it_speeds_up(on_cpu, monkeypatch, tmp_path):
+    from cov3d import predict as predict_module
+    from cov3d.checkpoint import model_config, save_checkpoint
+    from conftest import write_slices
+    from test_predict import scan_volume
+
+    on_cpu(cpu())  # native bf16
+    path = tmp_path / "model.pt"
+    config = model_config(arch="regnet3d-shallow", depth=8, width=16, lam=0.1, window=(-1350, 150), penultimate=8,
+                          dropout=0.0, pool="avg", final_bias=True)
+    save_checkpoint(path, build_model("regnet3d-shallow", pretrained=False, penultimate=8, dropout=0.0), config)
+    scan = write_slices(tmp_path / "scan", scan_volume(4, depth=5, size=20))
+    for timings, expected in (((0.010, 0.020), "fp32"), ((0.020, 0.010), "bf16")):
+        monkeypatch.setenv("COV3D_CACHE", str(tmp_path / f"cache-{expected}"))  # a fresh measurement each time
+        monkeypatch.setattr(predict_module, "_time_both", lambda model, arch, shape, t=timings: t)
+        [member] = predict_module.load_ensemble([path])
+        predictions, failures = predict_module.predict_scans([scan], [member], workers=0)
+        assert not failures and member.precision.precision == expected
+        if expected == "fp32":
+            assert "bf16 measured 2.00× fp32's time for regnet3d-shallow at 2x1x8x16x16" in member.precision.reason

@@ -192,6 +192,10 @@ def test_evaluate_cli_writes_metrics_and_plots(trained_run, dataset, tmp_path):
     assert metrics["scans"] == 2 and metrics["threshold_method"] == "youden" and metrics["threshold_in_sample"]
     assert "in-sample" in result.output
     assert set(metrics["presence"]) == {"macro_f1", "f1", "accuracy", "roc_auc", "confusion_matrix"}
+    # the precision each model ran in, and why (auto: chosen from this CPU)
+    assert [entry["precision"] for entry in metrics["precision"]] in (["fp32"] * 2, ["bf16"] * 2, ["fp32", "bf16"],
+                                                                      ["bf16", "fp32"])
+    assert all(entry["precision_reason"] for entry in metrics["precision"])
     rows = read_rows(out / "predictions.csv")
     truth = [1 if r["label"] == "covid" else 0 for r in rows]
     assert metrics["threshold"] == pytest.approx(youden_threshold(truth, [float(r["probability"]) for r in rows]))

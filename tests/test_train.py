@@ -55,12 +55,14 @@ def test_cli_trains_two_epochs_into_a_valid_run_directory(dataset, tmp_path):
     assert saved["lambda"] == 0.1 and saved["seed"] == 42 and saved["pretrained"] is False
     # --no-pretrained alone gives the from-scratch recipe, recorded as the values used
     assert (saved["lr"], saved["batch_size"], saved["dropout"], saved["epochs"]) == (1e-3, 2, 0.0, 2)
-    assert saved["resolved"]["recipe"] == "scratch" and saved["bn_scans"] == 200
+    assert saved["resolved"]["recipe"] == "scratch" and saved["bn_scans"] == 64
     assert saved["severity_weights"] == "inverse"
     assert saved["resolved"]["depth"] == 8 and saved["resolved"]["width"] == 16
     # train split: 2 covid, 1 non-covid -> N / (2 N_class)
     assert saved["resolved"]["class_weights"] == pytest.approx({"non-covid": 1.5, "covid": 0.75})
     assert "torch" in saved["resolved"]["versions"]
+    # auto trains in fp32 on any CPU, and says why
+    assert saved["resolved"]["precision"] == "fp32" and "CPU" in saved["resolved"]["precision_reason"]
 
     rows = history(run)
     assert [r["epoch"] for r in rows] == ["1", "2"]

@@ -45,7 +45,7 @@ def measure_inference(arch: str) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cov3d.archs import build_model, memory_format
+    from cov3d.models.registry import build_model, memory_format
 
     torch.manual_seed(0)
     model = build_model(arch, pretrained=False).eval()
@@ -69,8 +69,8 @@ def measure_inference(arch: str) -> dict:
 def measure_training(arch: str) -> dict:
     import torch
 
-    from cov3d.archs import build_model
-    from cov3d.loss import Cov3dLoss
+    from cov3d.models.registry import build_model
+    from cov3d.training.loss import Cov3dLoss
 
     torch.manual_seed(0)
     model = build_model(arch, pretrained=False).train()
@@ -89,7 +89,7 @@ def measure_training(arch: str) -> dict:
 
 
 def measure_learning(arch: str, data: str, cache: str, epochs: int) -> dict:
-    from cov3d.train import TrainConfig, train
+    from cov3d.training.trainer import TrainConfig, train
 
     with tempfile.TemporaryDirectory() as run:
         config = TrainConfig(data=data, output=run, arch=arch, pretrained=False, depth=LEARN_SIZE[0],
@@ -116,7 +116,7 @@ def child(task: str, arch: str, *extra: str) -> dict:
 
 
 def main() -> None:
-    from cov3d.archs import ARCHS
+    from cov3d.models.registry import ARCHS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", action="append", choices=list(ARCHS), help="Architectures (default: all).")
@@ -145,8 +145,8 @@ def main() -> None:
     print(f"torch threads {os.cpu_count()} cores; cost at {SIZE[0]}x{SIZE[1]}x{SIZE[1]}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         if not args.skip_learning:
-            from cov3d.preprocess import Size, preprocess_dataset
-            from cov3d.synth import synthesize
+            from cov3d.data.preprocess import Size, preprocess_dataset
+            from cov3d.data.synth import synthesize
 
             data, cache = Path(scratch) / "data", Path(scratch) / "cache"
             synthesize(data, scans=160, seed=0)

@@ -24,11 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402
 
-from cov3d.checkpoint import LAST, load_model  # noqa: E402
-from cov3d.data import load_splits  # noqa: E402
-from cov3d.loss import Cov3dLoss, probabilities  # noqa: E402
-from cov3d.metrics import validation_scores  # noqa: E402
-from cov3d.model import precise_batchnorm  # noqa: E402
+from cov3d.models.checkpoint import LAST, load_model  # noqa: E402
+from cov3d.data.dataset import load_splits  # noqa: E402
+from cov3d.training.loss import Cov3dLoss, probabilities  # noqa: E402
+from cov3d.training.metrics import validation_scores  # noqa: E402
+from cov3d.models.video import precise_batchnorm  # noqa: E402
 
 
 def batches(dataset, indices: list[int], size: int):

@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine, nominal_peak, sgemm_gflops  # noqa: E402
 
-from cov3d.archs import ARCHS, build_model, memory_format  # noqa: E402
-from cov3d.precision import cpu_bf16, faster_of_fp32_and_bf16, resolve_precision  # noqa: E402
-from cov3d.predict import inference_runner  # noqa: E402
+from cov3d.models.registry import ARCHS, build_model, memory_format  # noqa: E402
+from cov3d.training.precision import cpu_bf16, faster_of_fp32_and_bf16, resolve_precision  # noqa: E402
+from cov3d.inference.predict import inference_runner  # noqa: E402
 
 
 def conv_flops(model: torch.nn.Module, x: torch.Tensor) -> float:

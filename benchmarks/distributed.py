@@ -51,7 +51,7 @@ def history(run: Path) -> list[dict]:
 
 
 def synth(root: Path, scans: int, width: int) -> Path:
-    from cov3d.synth import synthesize
+    from cov3d.data.synth import synthesize
 
     synthesize(root, scans=scans, seed=0, width=width)
     return root

@@ -43,7 +43,7 @@ def one_class_f1(covid: int, non_covid: int) -> float:
 
 
 def run(variant: str, data: Path, cache: Path, epochs: int) -> dict:
-    from cov3d.train import TrainConfig, train
+    from cov3d.training.trainer import TrainConfig, train
 
     options = dict(precision="fp32") | VARIANTS[variant]
     with tempfile.TemporaryDirectory() as output:
@@ -89,8 +89,8 @@ def main() -> None:
     args = parser.parse_args()
     print(describe_machine(), flush=True)
 
-    from cov3d.preprocess import Size, preprocess_dataset
-    from cov3d.synth import synthesize
+    from cov3d.data.preprocess import Size, preprocess_dataset
+    from cov3d.data.synth import synthesize
 
     args.output.mkdir(parents=True, exist_ok=True)
     results = []

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cov3d.precision import cpu_bf16, cpu_info
+from cov3d.training.precision import cpu_bf16, cpu_info
 
 FMA_UNITS = 2
 

@@ -23,7 +23,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402  (the CPU and peak every figure is printed beside)
 from cov3d.errors import Cov3dError
-from cov3d.train import TrainConfig, train
+from cov3d.training.trainer import TrainConfig, train
 
 
 def phantom(rng: np.random.Generator, covid: bool, severity: int, slices: int = 20, size: int = 48) -> np.ndarray:

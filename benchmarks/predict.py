@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402  (the CPU and peak every figure is printed beside)
 from preprocess import make_scan  # noqa: E402  (the synthetic JPEG scan of the preprocessing benchmark)
 
-from cov3d.loss import probabilities  # noqa: E402
-from cov3d.archs import build_model  # noqa: E402
-from cov3d.precision import cpu_bf16  # noqa: E402
-from cov3d.predict import Member, inference_runner, load_ensemble, predict_scans  # noqa: E402
-from cov3d.preprocess import resolve_size  # noqa: E402
+from cov3d.training.loss import probabilities  # noqa: E402
+from cov3d.models.registry import build_model  # noqa: E402
+from cov3d.training.precision import cpu_bf16  # noqa: E402
+from cov3d.inference.predict import Member, inference_runner, load_ensemble, predict_scans  # noqa: E402
+from cov3d.data.preprocess import resolve_size  # noqa: E402
 
 
 def volumes(count: int, depth: int, width: int, seed: int = 0) -> list[torch.Tensor]:

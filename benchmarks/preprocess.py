@@ -27,8 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402  (the CPU and peak every figure is printed beside)
-from cov3d.io import SLICE_SUFFIXES, natural_key
-from cov3d.preprocess import Size, preprocess_dataset, preprocess_volume, resolve_size
+from cov3d.data.io import SLICE_SUFFIXES, natural_key
+from cov3d.data.preprocess import Size, preprocess_dataset, preprocess_volume, resolve_size
 
 
 def make_scan(folder: Path, slices: int, seed: int = 0) -> Path:
@@ -71,7 +71,7 @@ def timed(function, repeats: int) -> float:
 def peak_memory_gb(scan: Path, size: Size) -> float:
     """Peak RSS of a fresh Python process that preprocesses `scan` once."""
     code = (
-        "import resource, sys; from pathlib import Path; from cov3d.preprocess import Size, preprocess_volume;"
+        "import resource, sys; from pathlib import Path; from cov3d.data.preprocess import Size, preprocess_volume;"
         f"preprocess_volume(Path({str(scan)!r}), Size({size.depth}, {size.width}));"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )

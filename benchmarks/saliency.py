@@ -3,7 +3,7 @@
     cov3d demo --output cov3d-demo
     python benchmarks/saliency.py cov3d-demo [--stages 2 3 4] [--split validation]
 
-The demo's phantoms are regenerated from their seed (cov3d.synth.phantoms), so
+The demo's phantoms are regenerated from their seed (cov3d.data.synth.phantoms), so
 each scan's lung and lesion masks are known. For every scan of the split, and
 for each backbone stage, `explain_scan` (with TTA) gives the presence map on the
 original slices; the script reports, per stage and class, the median share of
@@ -25,9 +25,9 @@ from machine import describe_machine  # noqa: E402  (the CPU and peak every figu
 
 def main() -> None:
     from cov3d.demo import STATE
-    from cov3d.explain import explain_scan, mass_share
-    from cov3d.predict import load_ensemble
-    from cov3d.synth import phantoms
+    from cov3d.inference.explain import explain_scan, mass_share
+    from cov3d.inference.predict import load_ensemble
+    from cov3d.data.synth import phantoms
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("demo", type=Path, help="the output folder of `cov3d demo`")

@@ -25,11 +25,11 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402  (the CPU and peak every figure is printed beside)
-from cov3d.data import ScanDataset
-from cov3d.loss import Cov3dLoss
-from cov3d.archs import build_model
+from cov3d.data.dataset import ScanDataset
+from cov3d.training.loss import Cov3dLoss
+from cov3d.models.registry import build_model
 from cov3d.atomic import save_torch
-from cov3d.preprocess import resolve_size
+from cov3d.data.preprocess import resolve_size
 
 
 def step_time(size, device: torch.device, mixed: bool, steps: int, batch: int) -> tuple[float, float]:

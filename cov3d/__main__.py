@@ -1,5 +1,5 @@
 """`python -m cov3d …`: the command line, as torchrun launches it (`torchrun … -m cov3d train …`)."""
 
-from .cli import app
+from cov3d.cli import app
 
 app(prog_name="cov3d")

@@ -93,7 +93,7 @@ def check_writable(path: Path, folder: bool = False) -> None:
     """
     import tempfile
 
-    from .errors import Cov3dError
+    from cov3d.errors import Cov3dError
 
     path = Path(path)
     if path.exists() and folder and not path.is_dir():

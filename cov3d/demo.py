@@ -15,14 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import write_text
-from .checkpoint import LAST
-from .errors import Cov3dError
-from .evaluate import Evaluation, evaluate, write_outputs
-from .predict import find_inputs, load_ensemble, predict_scans, prediction_rows, write_csv, write_submission
-from .preprocess import Size, preprocess_dataset, read_manifest
-from .synth import synthesize
-from .train import RECIPES, TrainConfig, TrainResult, train
+from cov3d.atomic import write_text
+from cov3d.models.checkpoint import LAST
+from cov3d.errors import Cov3dError
+from cov3d.inference.evaluate import Evaluation, evaluate, write_outputs
+from cov3d.inference.predict import find_inputs, load_ensemble, predict_scans, prediction_rows, write_csv, write_submission
+from cov3d.data.preprocess import Size, preprocess_dataset, read_manifest
+from cov3d.data.synth import synthesize
+from cov3d.training.trainer import RECIPES, TrainConfig, TrainResult, train
 
 
 STATE = ".cov3d-demo.json"  # the demo's settings and progress, so that an interrupted demo can go on

@@ -98,7 +98,7 @@ def make_dataset(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory from one epoch of training a tiny-input model (λ = 0.1: both checkpoints)."""
-    from cov3d.train import TrainConfig, train
+    from cov3d.training.trainer import TrainConfig, train
 
     base = tmp_path_factory.mktemp("trained")
     data = make_dataset(base / "data")

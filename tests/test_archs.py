@@ -11,13 +11,13 @@ from conftest import write_slices
 from test_predict import scan_volume
 from typer.testing import CliRunner
 
-from cov3d.archs import ARCHS, SLICES, VOLUME, build_model, get_arch
-from cov3d.checkpoint import load_model, model_config, save_checkpoint
+from cov3d.models.registry import ARCHS, SLICES, VOLUME, build_model, get_arch
+from cov3d.models.checkpoint import load_model, model_config, save_checkpoint
 from cov3d.cli import app
 from cov3d.errors import Cov3dError
-from cov3d.loss import Cov3dLoss, probabilities, slice_mean_logits
-from cov3d.predict import load_ensemble, predict_scans
-from cov3d.slices import SliceNet
+from cov3d.training.loss import Cov3dLoss, probabilities, slice_mean_logits
+from cov3d.inference.predict import load_ensemble, predict_scans
+from cov3d.models.slices import SliceNet
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
 DEPTH, WIDTH = 4, 32  # DenseNet121's three transitions need at least 32x32 slices
@@ -192,8 +192,8 @@ def test_format_1_checkpoints_still_load(tmp_path):
 
 
 def test_fastai_stays_out_of_predict_preprocess_and_cli_start_up():
-    code = ("import sys, cov3d.cli, cov3d.predict, cov3d.preprocess, cov3d.evaluate, cov3d.checkpoint, "
-            "cov3d.archs, cov3d.show; "
+    code = ("import sys, cov3d.cli, cov3d.inference.predict, cov3d.data.preprocess, cov3d.inference.evaluate, cov3d.models.checkpoint, "
+            "cov3d.models.registry, cov3d.reports.show; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'fastai', 'fastcore'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -220,7 +220,7 @@ def test_docs_table_lists_every_registered_arch():
 
 
 def test_train_a_slice_model_end_to_end(dataset, tmp_path):
-    from cov3d.train import TrainConfig, train
+    from cov3d.training.trainer import TrainConfig, train
 
     config = TrainConfig(data=str(dataset), output=str(tmp_path / "run"), arch="resnet50", pretrained=False,
                          depth=DEPTH, width=WIDTH, epochs=1, slices=2, crop=0.8, batch_size=2, loader_workers=0,

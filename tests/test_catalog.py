@@ -3,7 +3,7 @@ from conftest import write_nifti, write_slices
 
 import numpy as np
 
-from cov3d.catalog import catalog, read_severity_csv
+from cov3d.data.catalog import catalog, read_severity_csv
 from cov3d.errors import Cov3dError
 
 

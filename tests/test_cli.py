@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from cov3d import __version__
 from cov3d.cli import app
-from cov3d.preprocess import read_manifest
+from cov3d.data.preprocess import read_manifest
 
 runner = CliRunner()
 

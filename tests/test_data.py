@@ -1,6 +1,6 @@
 import torch
 
-from cov3d.data import random_crop, reflect
+from cov3d.data.dataset import random_crop, reflect
 
 
 def test_crop_of_one_is_the_identity():

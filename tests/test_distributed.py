@@ -15,12 +15,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cov3d import distributed
-from cov3d.checkpoint import load_model
+from cov3d.training import distributed
+from cov3d.models.checkpoint import load_model
 from cov3d.cli import app
-from cov3d.data import load_splits
+from cov3d.data.dataset import load_splits
 from cov3d.errors import Cov3dError
-from cov3d.loss import Cov3dLoss
+from cov3d.training.loss import Cov3dLoss
 
 TINY = ["--no-pretrained", "--depth", "8", "--width", "16", "--penultimate", "16", "--batch-size", "2",
         "--loader-workers", "0", "--bn-scans", "4"]
@@ -53,7 +53,7 @@ def history(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, subprocess.CompletedProcess]:
     """Two epochs of a tiny model trained by two processes on 25 phantoms (5 validation scans: uneven shards)."""
-    from cov3d.synth import synthesize
+    from cov3d.data.synth import synthesize
 
     base = tmp_path_factory.mktemp("ddp")
     data = base / "data"
@@ -123,10 +123,10 @@ def test_a_two_process_run_resumes_in_one_process(two_process_run, tmp_path: Pat
 
 FAILING_RANK = """
 import sys
-import cov3d.data
+import cov3d.data.dataset
 from cov3d.errors import Cov3dError
 
-original = cov3d.data.ScanDataset.__getitem__
+original = cov3d.data.dataset.ScanDataset.__getitem__
 
 def failing(self, index):
     if self.flip:  # training items only: rank 1 fails in its first training step, rank 0 trains on
@@ -135,14 +135,14 @@ def failing(self, index):
 
 if __name__ == "__main__":  # not in the processes that preprocessing spawns
     if __import__("os").environ["RANK"] == "1":
-        cov3d.data.ScanDataset.__getitem__ = failing
+        cov3d.data.dataset.ScanDataset.__getitem__ = failing
     from cov3d.cli import app
     app(prog_name="cov3d", args=sys.argv[1:])
 """
 
 
 def test_a_failing_rank_ends_every_rank_promptly_with_its_message(tmp_path: Path) -> None:
-    from cov3d.synth import synthesize
+    from cov3d.data.synth import synthesize
 
     data = tmp_path / "data"
     synthesize(data, scans=12, seed=1, width=32)
@@ -191,7 +191,7 @@ def test_validation_shards_cover_every_item_once_and_interleave_back() -> None:
 
 
 def test_sync_bn_on_cpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cov3d.train import TrainConfig, make_model
+    from cov3d.training.trainer import TrainConfig, make_model
 
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     config = TrainConfig(data="d", output="o", pretrained=False, sync_bn=True).with_recipe()
@@ -202,7 +202,7 @@ def test_sync_bn_on_cpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("device, synced", [("cpu", False), ("cuda:0", True)])
 def test_sync_bn_by_default_on_distributed_gpus_only(monkeypatch: pytest.MonkeyPatch, device, synced) -> None:
-    from cov3d.train import TrainConfig, make_model
+    from cov3d.training.trainer import TrainConfig, make_model
 
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: self)  # no GPU needed to build it

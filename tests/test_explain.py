@@ -11,14 +11,14 @@ from test_archs import DEPTH, WIDTH, tiny
 from test_predict import scan_volume
 from typer.testing import CliRunner
 
-from cov3d.archs import ARCHS
-from cov3d.checkpoint import PRESENCE
+from cov3d.models.registry import ARCHS
+from cov3d.models.checkpoint import PRESENCE
 from cov3d.cli import app
 from cov3d.errors import Cov3dError
-from cov3d.explain import (
+from cov3d.inference.explain import (
     explain_scan, grad_cam, mass_share, presence_score, severity_score, stage_modules, to_original, top_slices,
 )
-from cov3d.predict import load_ensemble
+from cov3d.inference.predict import load_ensemble
 
 runner = CliRunner()
 
@@ -208,7 +208,7 @@ def test_an_empty_output_folder_is_not_required(trained_run, tmp_path):
                                                             "set COV3D_SLOW=1 to run")
 def test_demo_model_looks_inside_the_lungs_and_at_the_lesions(tmp_path):
     from cov3d.demo import run_demo
-    from cov3d.synth import phantoms
+    from cov3d.data.synth import phantoms
 
     demo = run_demo(tmp_path / "demo")
     members = load_ensemble([demo.run / PRESENCE])

@@ -7,7 +7,7 @@ import pytest
 from conftest import SHARED_DICOM, ramp_volume, write_dicom_series, write_nifti, write_slices
 
 from cov3d.errors import Cov3dError
-from cov3d.io import DEFAULT_WINDOW, natural_key, parse_window, read_scan, scan_kind
+from cov3d.data.io import DEFAULT_WINDOW, natural_key, parse_window, read_scan, scan_kind
 
 
 def test_natural_key_orders_numbers_by_value():

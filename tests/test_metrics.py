@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from cov3d.metrics import presence_scores, severity_f1
+from cov3d.training.metrics import presence_scores, severity_f1
 
 
 def test_presence_scores():

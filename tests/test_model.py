@@ -5,7 +5,7 @@ import torch
 
 from cov3d._torchvision import import_torchvision
 from cov3d.errors import Cov3dError
-from cov3d.archs import build_model
+from cov3d.models.registry import build_model
 
 
 @pytest.mark.parametrize("arch", ["r3d_18", "mc3_18", "r2plus1d_18"])

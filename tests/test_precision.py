@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from cov3d.archs import build_model
-from cov3d.loss import Cov3dLoss
-from cov3d.model import precise_batchnorm
-from cov3d.runtime import guard_cpu_bf16_conv3d
+from cov3d.models.registry import build_model
+from cov3d.training.loss import Cov3dLoss
+from cov3d.models.video import precise_batchnorm
+from cov3d.training.runtime import guard_cpu_bf16_conv3d
 
 
 def test_guard_runs_depth_two_convolutions_in_fp32_under_cpu_autocast():
@@ -74,8 +74,8 @@ import dataclasses
 import json
 import logging
 
-from cov3d import precision as chooser
-from cov3d.archs import ARCHS
+from cov3d.training import precision as chooser
+from cov3d.models.registry import ARCHS
 from cov3d.errors import Cov3dError
 
 
@@ -162,7 +162,7 @@ def test_the_micro_measurement_is_quick():
 
 def test_explicit_bf16_on_an_emulating_cpu_is_kept_with_a_warning(on_cpu, caplog):
     on_cpu(cpu(avx512_bf16=False, amx=False))
-    with caplog.at_level(logging.WARNING, logger="cov3d.precision"):
+    with caplog.at_level(logging.WARNING, logger="cov3d.training.precision"):
         choice = chooser.resolve_precision("bf16", "cpu")
         chooser.resolve_precision("bf16", "cpu")
     assert choice.precision == "bf16"
@@ -172,7 +172,7 @@ def test_explicit_bf16_on_an_emulating_cpu_is_kept_with_a_warning(on_cpu, caplog
 
 def test_the_choice_is_logged_once(on_cpu, caplog):
     on_cpu(cpu(avx512_bf16=False, amx=False))
-    with caplog.at_level(logging.INFO, logger="cov3d.precision"):
+    with caplog.at_level(logging.INFO, logger="cov3d.training.precision"):
         for _ in range(3):
             chooser.resolve_precision("auto", "cpu")
     assert [r.getMessage() for r in caplog.records] == [
@@ -222,8 +222,8 @@ def test_models_that_cannot_be_traced_are_left_as_they_are():
 
 
 def test_auto_keeps_bf16_only_for_models_it_speeds_up(on_cpu, monkeypatch, tmp_path):
-    from cov3d import predict as predict_module
-    from cov3d.checkpoint import model_config, save_checkpoint
+    from cov3d.inference import predict as predict_module
+    from cov3d.models.checkpoint import model_config, save_checkpoint
     from conftest import write_slices
     from test_predict import scan_volume
 

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from cov3d.cli import app
 from cov3d.errors import Cov3dError
-from cov3d.evaluate import youden_threshold
-from cov3d.predict import (
+from cov3d.inference.evaluate import youden_threshold
+from cov3d.inference.predict import (
     CSV_COLUMNS, find_inputs, load_ensemble, parse_threshold, predict_scans, prediction_rows, write_submission,
 )
 
@@ -98,14 +98,14 @@ def test_bf16_inference_agrees_with_fp32(trained_run, tmp_path):
 
 
 def test_cached_scans_are_used_and_give_the_same_result(trained_run, tmp_path):
-    from cov3d.preprocess import Size, preprocess_dataset
+    from cov3d.data.preprocess import Size, preprocess_dataset
 
     scans = tmp_path / "scans"
     scan = write_slices(scans / "x", scan_volume(6))
     members = load_ensemble([trained_run])
     fresh = probability(members, scan, precision="fp32", roots=[scans])
     preprocess_dataset(scans, Size(8, 16), workers=1)  # the default cache, as `cov3d preprocess scans` makes
-    from cov3d.predict import _cache_index
+    from cov3d.inference.predict import _cache_index
 
     assert _cache_index([scan], Size(8, 16), (-1350.0, 150.0), [scans]) != {}
     cached = probability(members, scan, precision="fp32", roots=[scans])

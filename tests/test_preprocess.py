@@ -8,7 +8,7 @@ from conftest import SHARED_DICOM, write_slices
 
 from cov3d.atomic import save_torch
 from cov3d.errors import Cov3dError
-from cov3d.preprocess import (
+from cov3d.data.preprocess import (
     MANIFEST_COLUMNS, Size, default_cache_dir, load_cached, preprocess_dataset,
     read_manifest, resolve_size,
 )
@@ -93,7 +93,7 @@ def test_parallel_failure_is_reported(dataset, tmp_path):
 
 
 def test_interrupted_run_leaves_no_partial_file_and_resumes(dataset, tmp_path, monkeypatch):
-    import cov3d.preprocess as module
+    import cov3d.data.preprocess as module
 
     calls = {"n": 0}
     real = module._work

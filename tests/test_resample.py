@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cov3d.resample import depth_matrix, finish, resample_depth, resample_volume, resize_slice
+from cov3d.data.resample import depth_matrix, finish, resample_depth, resample_volume, resize_slice
 
 
 @pytest.mark.parametrize("slices", [1, 2, 3, 4, 17, 300])

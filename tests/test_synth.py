@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cov3d.catalog import catalog
+from cov3d.data.catalog import catalog
 from cov3d.cli import app
 from cov3d.errors import Cov3dError
-from cov3d.io import read_scan
-from cov3d.synth import LESION_FRACTION, make_phantom, synthesize
+from cov3d.data.io import read_scan
+from cov3d.data.synth import LESION_FRACTION, make_phantom, synthesize
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cov3d.cli import app
-from cov3d.train import TrainResult
+from cov3d.training.trainer import TrainResult
 
 TINY = ["--no-pretrained", "--depth", "8", "--width", "16", "--penultimate", "16", "--batch-size", "2",
         "--loader-workers", "0", "--bn-scans", "0", "--device", "cpu"]
@@ -53,7 +53,7 @@ def history_keys(records: list) -> set[str]:
 @pytest.fixture(scope="module")
 def wandb_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two epochs logged to an offline W&B run; W&B's staging and cache inside the test's folder."""
-    from cov3d.synth import synthesize
+    from cov3d.data.synth import synthesize
 
     base = tmp_path_factory.mktemp("wandb")
     data = base / "data"
@@ -160,7 +160,7 @@ def test_wandb_without_login_or_network_fails_with_one_line(dataset: Path, tmp_p
 
 def test_a_sweep_agents_arguments_reach_the_training_config(dataset: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import cov3d.train
+    import cov3d.training.trainer
 
     seen = {}
 
@@ -168,7 +168,7 @@ def test_a_sweep_agents_arguments_reach_the_training_config(dataset: Path, tmp_p
         seen["config"] = config
         return TrainResult(Path(config.output), {}, 0, [])
 
-    monkeypatch.setattr(cov3d.train, "train", fake_train)
+    monkeypatch.setattr(cov3d.training.trainer, "train", fake_train)
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
     monkeypatch.setenv("WANDB_RUN_ID", "trial7")
     monkeypatch.chdir(tmp_path)

@@ -6,13 +6,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import cov3d.loss
+import cov3d.training.loss
 from cov3d.cli import app
 from cov3d.errors import Cov3dError
-from cov3d.archs import build_model
-from cov3d.checkpoint import load_checkpoint
-from cov3d.model import Cov3dNet
-from cov3d.train import TrainConfig, train
+from cov3d.models.registry import build_model
+from cov3d.models.checkpoint import load_checkpoint
+from cov3d.models.video import Cov3dNet
+from cov3d.training.trainer import TrainConfig, train
 
 runner = CliRunner()
 TINY = ["--no-pretrained", "--depth", "8", "--width", "16", "--loader-workers", "0", "--penultimate", "16",
@@ -123,14 +123,14 @@ def test_resume_without_a_run(tmp_path, dataset):
 
 def test_nan_loss_stops_and_keeps_checkpoints(dataset, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = cov3d.loss.Cov3dLoss.per_item
+    real = cov3d.training.loss.Cov3dLoss.per_item
 
     def poisoned(self, logits, target):
         calls["n"] += 1
         out = real(self, logits, target)
         return out * float("nan") if calls["n"] > 2 else out  # epoch 1 = 1 train + 1 valid batch
 
-    monkeypatch.setattr(cov3d.loss.Cov3dLoss, "per_item", poisoned)
+    monkeypatch.setattr(cov3d.training.loss.Cov3dLoss, "per_item", poisoned)
     with pytest.raises(Cov3dError, match="loss became NaN in epoch 2"):
         train(config(dataset, tmp_path, epochs=3))
     assert load_checkpoint(tmp_path / "run" / "presence.pt")["epoch"] == 1
@@ -197,7 +197,7 @@ def test_a_run_of_cov3d_0_1_still_resumes(dataset, tmp_path):
 
 
 def test_recipes_fill_only_what_is_not_given(dataset, tmp_path):
-    from cov3d.train import RECIPES
+    from cov3d.training.trainer import RECIPES
 
     scratch = config(dataset, tmp_path, lr=5e-4, batch_size=None).with_recipe()
     assert (scratch.lr, scratch.batch_size, scratch.dropout) == (5e-4, 8, 0.0)
@@ -208,8 +208,8 @@ def test_recipes_fill_only_what_is_not_given(dataset, tmp_path):
 
 
 def test_checkpoint_batchnorm_statistics_are_measured_on_training_data(dataset, tmp_path):
-    from cov3d.checkpoint import load_model
-    from cov3d.data import load_splits
+    from cov3d.models.checkpoint import load_model
+    from cov3d.data.dataset import load_splits
 
     # One batch of all three training scans, no augmentation: the statistics are exactly computable.
     result = train(config(dataset, tmp_path, epochs=1, batch_size=3, flip=False))
@@ -231,7 +231,7 @@ def test_checkpoint_batchnorm_statistics_are_measured_on_training_data(dataset, 
 
 
 def test_without_precise_bn_the_checkpoint_keeps_fastai_running_averages(dataset, tmp_path):
-    from cov3d.checkpoint import load_model
+    from cov3d.models.checkpoint import load_model
 
     result = train(config(dataset, tmp_path, epochs=1, batch_size=3, flip=False, bn_scans=0))
     model, _ = load_model(result.run / "presence.pt")
@@ -266,7 +266,7 @@ def separated_dataset(root):
 
 
 def test_five_epochs_from_scratch_separate_the_classes(tmp_path):
-    from cov3d.predict import load_ensemble, predict_scans
+    from cov3d.inference.predict import load_ensemble, predict_scans
 
     data = separated_dataset(tmp_path / "data")
     result = train(config(data, tmp_path, epochs=5, lam=0.0))

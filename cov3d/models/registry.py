@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import Cov3dError
+from cov3d.errors import Cov3dError
 
 VOLUME, SLICES = "volume", "slices"
 
@@ -41,8 +41,8 @@ class Arch:
 
 def _video(name: str):
     def build(states, **options):
-        from ._torchvision import import_torchvision
-        from .model import video_resnet
+        from cov3d._torchvision import import_torchvision
+        from cov3d.models.video import video_resnet
 
         import_torchvision()
         from torchvision.models import video
@@ -54,7 +54,7 @@ def _video(name: str):
 
 def _regnet(blocks: tuple[int, ...], widths: tuple[int, ...], group_width: int = 8, bottleneck_ratio: float = 1.0):
     def build(states, **options):
-        from .regnet import RegNet3d
+        from cov3d.models.regnet import RegNet3d
 
         return RegNet3d(blocks, widths, group_width, bottleneck_ratio, **options)
 
@@ -63,7 +63,7 @@ def _regnet(blocks: tuple[int, ...], widths: tuple[int, ...], group_width: int =
 
 def _resnet2d(depth: int):
     def build(states, **options):
-        from .slices import resnet_slices
+        from cov3d.models.slices import resnet_slices
 
         return resnet_slices(depth, states[0] if states else None, **options)
 
@@ -71,13 +71,13 @@ def _resnet2d(depth: int):
 
 
 def _densenet2d(states, **options):
-    from .slices import densenet_slices
+    from cov3d.models.slices import densenet_slices
 
     return densenet_slices(states[0] if states else None, **options)
 
 
 def _res_dense(states, **options):
-    from .slices import res_dense_slices
+    from cov3d.models.slices import res_dense_slices
 
     resnet, densenet = states if states else (None, None)
     return res_dense_slices(resnet, densenet, **options)
@@ -124,7 +124,7 @@ def arch_help() -> str:
 
 
 def _weights_enum(spec: str):
-    from ._torchvision import import_torchvision
+    from cov3d._torchvision import import_torchvision
 
     obj: Any = import_torchvision().models
     for part in spec.split("."):

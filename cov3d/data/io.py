@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import Cov3dError
-from .integrity import check_nifti_complete, describe_itk_error
-from .resample import resize_slice
+from cov3d.errors import Cov3dError
+from cov3d.data.integrity import check_nifti_complete, describe_itk_error
+from cov3d.data.resample import resize_slice
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,7 @@ def write_volume(path: Path, array: np.ndarray, meta: ScanMeta) -> Path:
     """
     import SimpleITK as sitk
 
-    from .atomic import replacing
+    from cov3d.atomic import replacing
 
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     if meta.spacing is not None:

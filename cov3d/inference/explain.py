@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import reflect
-from .errors import Cov3dError
-from .io import DEFAULT_WINDOW, ScanMeta, read_scan
-from .loss import MILD, SEVERITY_NAMES, probabilities
-from .predict import Member
-from .preprocess import preprocess_volume
+from cov3d.data.dataset import reflect
+from cov3d.errors import Cov3dError
+from cov3d.data.io import DEFAULT_WINDOW, ScanMeta, read_scan
+from cov3d.training.loss import MILD, SEVERITY_NAMES, probabilities
+from cov3d.inference.predict import Member
+from cov3d.data.preprocess import preprocess_volume
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,9 @@ def stage_modules(model: nn.Module, stage: int = STAGES) -> list[nn.Module]:
     (res-dense) has one module per backbone at stages 1–3, whose maps are
     averaged, and the fused output at stage 4.
     """
-    from .model import Cov3dNet
-    from .regnet import RegNet3d
-    from .slices import ResDense, SliceNet
+    from cov3d.models.video import Cov3dNet
+    from cov3d.models.regnet import RegNet3d
+    from cov3d.models.slices import ResDense, SliceNet
 
     if not 1 <= stage <= STAGES:
         raise Cov3dError(f"stage {stage} is not one of 1 to {STAGES}; 4 is the last convolutional stage")
@@ -95,7 +95,7 @@ def _densenet_stage(body: nn.Sequential, stage: int) -> nn.Module:
 
 
 def presence_score(logits: torch.Tensor, lam: float) -> torch.Tensor:
-    """The logit of P(covid) as :func:`cov3d.loss.probabilities` computes it."""
+    """The logit of P(covid) as :func:`cov3d.training.loss.probabilities` computes it."""
     if lam >= 1.0:  # P(covid) is the sum of the covid severity probabilities: its log-odds
         return torch.logsumexp(logits[:, 1 + MILD:6], dim=1) - logits[:, 1]
     return logits[:, 0]
@@ -326,9 +326,9 @@ def write_explanation(explanation: Explanation, output: Path) -> list[Path]:
     """
     import json
 
-    from .atomic import write_text
-    from .io import write_volume
-    from .show import render_montage, render_saliency
+    from cov3d.atomic import write_text
+    from cov3d.data.io import write_volume
+    from cov3d.reports.show import render_montage, render_saliency
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)

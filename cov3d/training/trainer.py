@@ -1,8 +1,8 @@
 """Training (paper §3.4–3.5): a plain fastai Learner, Adam, one-cycle, best weights per task.
 
 `train()` reads as config → data → model → learner → fit. The run directory and
-checkpoint format are in :mod:`cov3d.checkpoint`, the callbacks in
-:mod:`cov3d.callbacks`, the architectures in :mod:`cov3d.archs`.
+checkpoint format are in :mod:`cov3d.models.checkpoint`, the callbacks in
+:mod:`cov3d.training.callbacks`, the architectures in :mod:`cov3d.models.registry`.
 """
 
 from __future__ import annotations
@@ -24,24 +24,24 @@ from fastai.optimizer import Adam
 from fastai.torch_core import to_detach
 from fastcore.foundation import L
 
-from . import distributed
-from .archs import SLICES, build_model, get_arch, memory_format, resolve_pretrained
-from .atomic import remove_stale_temporaries, write_csv, write_text
-from .callbacks import (
+from cov3d.training import distributed
+from cov3d.models.registry import SLICES, build_model, get_arch, memory_format, resolve_pretrained
+from cov3d.atomic import remove_stale_temporaries, write_csv, write_text
+from cov3d.training.callbacks import (
     HISTORY_COLUMNS, AverageBatchNorm, AverageLoss, Autocast, BatchProgress, BestCheckpoint, ChannelsLast,
     DataParallel, EpochReport, History, HistoryPlot, LastCheckpoint, PreciseBatchNorm, RestoreState, StopOnNaN,
     Timing, Tracking, ValidationScores,
 )
-from .checkpoint import CONFIG, HISTORY, HISTORY_PLOT, LAST, PRESENCE, SEVERITY, load_checkpoint, model_config
-from .curves import read_history
-from .data import Splits, load_splits
-from .errors import Cov3dError
-from .io import DEFAULT_WINDOW
-from .loss import SEVERITY_WEIGHTINGS, Cov3dLoss
-from .model import POOLS
-from .precision import PRECISIONS, resolve_precision
-from .preprocess import preprocess_dataset, resolve_size
-from .runtime import guard_cpu_bf16_conv3d, resolve_device, seed_everything, versions
+from cov3d.models.checkpoint import CONFIG, HISTORY, HISTORY_PLOT, LAST, PRESENCE, SEVERITY, load_checkpoint, model_config
+from cov3d.reports.curves import read_history
+from cov3d.data.dataset import Splits, load_splits
+from cov3d.errors import Cov3dError
+from cov3d.data.io import DEFAULT_WINDOW
+from cov3d.training.loss import SEVERITY_WEIGHTINGS, Cov3dLoss
+from cov3d.models.video import POOLS
+from cov3d.training.precision import PRECISIONS, resolve_precision
+from cov3d.data.preprocess import preprocess_dataset, resolve_size
+from cov3d.training.runtime import guard_cpu_bf16_conv3d, resolve_device, seed_everything, versions
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ def fit(learn: Learner, config: TrainConfig, run: Path, previous: dict | None = 
         log.info("resuming %s after epoch %d of %d", run, start_epoch, config.epochs)
     tracker = None
     if config.wandb and main:
-        from .tracking import WandbRun
+        from cov3d.training.tracking import WandbRun
 
         valid = learn.dls.valid.dataset
         tracker = WandbRun(config, run, names=valid.names, files=valid.files)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import replacing
+from cov3d.atomic import replacing
 
 
 def render_views(volume: np.ndarray, output: Path, title: str = "") -> Path:
@@ -52,7 +52,7 @@ def render_saliency(explanation, task: str, output: Path) -> Path:
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    from .explain import peak
+    from cov3d.inference.explain import peak
 
     scan, heat = explanation.scan, explanation.maps[task]
     z, y, x = peak(heat)
@@ -80,7 +80,7 @@ def render_montage(explanation, task: str, output: Path, count: int = 12) -> Pat
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    from .explain import top_slices
+    from cov3d.inference.explain import top_slices
 
     scan, heat = explanation.scan, explanation.maps[task]
     chosen = top_slices(heat, count)

@@ -17,9 +17,9 @@ import re
 import torch
 from torch import nn
 
-from ._torchvision import import_torchvision
-from .loss import slice_mean_logits
-from .model import OUTPUTS, cov3d_head, global_pool, load_component, one_channel_stem
+from cov3d._torchvision import import_torchvision
+from cov3d.training.loss import slice_mean_logits
+from cov3d.models.video import OUTPUTS, cov3d_head, global_pool, load_component, one_channel_stem
 
 log = logging.getLogger(__name__)
 

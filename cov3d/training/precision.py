@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
-from .errors import Cov3dError
+from cov3d import atomic
+from cov3d.errors import Cov3dError
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,8 @@ def measured_bf16(info: CpuInfo, cache: Path | None) -> tuple[bool, str]:
 
 
 def default_cache() -> Path:
-    """Where measurements are cached: the user cache folder (see :func:`cov3d.preprocess.cache_root`)."""
-    from .preprocess import cache_root  # a leaf helper; imported here to keep this module light
+    """Where measurements are cached: the user cache folder (see :func:`cov3d.data.preprocess.cache_root`)."""
+    from cov3d.data.preprocess import cache_root  # a leaf helper; imported here to keep this module light
 
     return cache_root()
 

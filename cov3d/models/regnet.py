@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .model import OUTPUTS, cov3d_head, global_pool
+from cov3d.models.video import OUTPUTS, cov3d_head, global_pool
 
 STEM_WIDTH = 32  # RegNet's stem width
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .errors import Cov3dError
-from .loss import MILD, NON_COVID, class_weights, severity_class_weights, target_of
-from .preprocess import load_cached, read_manifest
+from cov3d.errors import Cov3dError
+from cov3d.training.loss import MILD, NON_COVID, class_weights, severity_class_weights, target_of
+from cov3d.data.preprocess import load_cached, read_manifest
 
 
 def reflect(volume: torch.Tensor) -> torch.Tensor:

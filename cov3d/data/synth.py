@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .atomic import write_text
-from .catalog import SEVERITY_FILES
-from .errors import Cov3dError
-from .io import DEFAULT_WINDOW
+from cov3d.atomic import write_text
+from cov3d.data.catalog import SEVERITY_FILES
+from cov3d.errors import Cov3dError
+from cov3d.data.io import DEFAULT_WINDOW
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from .loss import CRITICAL, MILD, probabilities
+from cov3d.training.loss import CRITICAL, MILD, probabilities
 
 
 def presence_scores(probs: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> dict[str, float]:

@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import Cov3dError
-from .io import is_image_file, is_volume_file, natural_key, scan_kind
+from cov3d.errors import Cov3dError
+from cov3d.data.io import is_image_file, is_volume_file, natural_key, scan_kind
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import re
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import Cov3dError
+from cov3d import __version__
+from cov3d.errors import Cov3dError
 
 
 def seed_everything(seed: int) -> None:
@@ -40,7 +40,7 @@ def versions() -> dict[str, str]:
     import fastai
     import sklearn
 
-    from ._torchvision import import_torchvision
+    from cov3d._torchvision import import_torchvision
 
     return {"cov3d": __version__, "torch": torch.__version__, "torchvision": import_torchvision().__version__,
             "fastai": fastai.__version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__,

@@ -16,9 +16,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__
-from .archs import ARCHS, arch_help
-from .errors import Cov3dError
+from cov3d import __version__
+from cov3d.models.registry import ARCHS, arch_help
+from cov3d.errors import Cov3dError
 
 app = typer.Typer(
     help="Detect the presence and severity of COVID-19 in chest CT scans with 3D ResNets (Cov3d).",
@@ -149,8 +149,8 @@ def preprocess(
     ] = None,
 ) -> None:
     """Resample every scan under DATA to a fixed size and cache it as a tensor, with a manifest.csv."""
-    from .io import DEFAULT_WINDOW, parse_window
-    from .preprocess import preprocess_dataset, resolve_size
+    from cov3d.data.io import DEFAULT_WINDOW, parse_window
+    from cov3d.data.preprocess import preprocess_dataset, resolve_size
 
     with _reported():
         resolved = resolve_size(size.value, depth, width)
@@ -305,9 +305,9 @@ def train(
     """Train a model on presence and severity with the combined loss; keep the best weights per task."""
     import time
 
-    from .io import DEFAULT_WINDOW, parse_window
-    from .train import TrainConfig
-    from .train import train as run_training
+    from cov3d.data.io import DEFAULT_WINDOW, parse_window
+    from cov3d.training.trainer import TrainConfig
+    from cov3d.training.trainer import train as run_training
 
     with _reported("run the same command with --output RUN --resume to continue"):
         if resume and output is None:
@@ -408,11 +408,11 @@ def predict(
     precision: InferencePrecision = Precision.auto,
 ) -> None:
     """Predict COVID-19 presence and severity for scans with one model or an ensemble."""
-    from .predict import find_inputs, load_ensemble, parse_threshold, predict_scans, prediction_rows
-    from .predict import write_csv, write_submission
+    from cov3d.inference.predict import find_inputs, load_ensemble, parse_threshold, predict_scans, prediction_rows
+    from cov3d.inference.predict import write_csv, write_submission
 
-    from .atomic import check_writable
-    from .runtime import resolve_device
+    from cov3d.atomic import check_writable
+    from cov3d.training.runtime import resolve_device
 
     with _reported():
         cutoff = parse_threshold(threshold)
@@ -477,10 +477,10 @@ def evaluate(
     ] = None,
 ) -> None:
     """Score models on a labelled split: F1, accuracy, ROC AUC, confusion matrices and plots."""
-    from .evaluate import describe, evaluate as run_evaluation, write_outputs
+    from cov3d.inference.evaluate import describe, evaluate as run_evaluation, write_outputs
 
-    from .atomic import check_writable
-    from .runtime import resolve_device
+    from cov3d.atomic import check_writable
+    from cov3d.training.runtime import resolve_device
 
     with _reported():
         check_writable(output_dir, folder=True)
@@ -496,7 +496,7 @@ def evaluate(
             raise typer.Exit(1)
         write_outputs(result, output_dir)
         if wandb:
-            from .tracking import log_evaluation
+            from cov3d.training.tracking import log_evaluation
 
             logged = log_evaluation(result, model, mode=wandb_mode.value if wandb_mode else None,
                                     project=wandb_project, entity=wandb_entity)
@@ -535,10 +535,10 @@ def explain(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Show where the model looks: Grad-CAM maps for presence and the predicted severity over the scan."""
-    from .atomic import check_writable
-    from .explain import explain_scan, write_explanation
-    from .predict import load_ensemble
-    from .runtime import resolve_device
+    from cov3d.atomic import check_writable
+    from cov3d.inference.explain import explain_scan, write_explanation
+    from cov3d.inference.predict import load_ensemble
+    from cov3d.training.runtime import resolve_device
 
     with _reported():
         target = output or Path("explain") / (scan.name.split(".")[0] or "scan")
@@ -569,20 +569,20 @@ def show(
     window: WindowOption = None,
 ) -> None:
     """Save sections of a scan as the model sees it, or the training curves of a run directory."""
-    from .atomic import check_writable
-    from .checkpoint import HISTORY, HISTORY_PLOT
+    from cov3d.atomic import check_writable
+    from cov3d.models.checkpoint import HISTORY, HISTORY_PLOT
 
     with _reported():
         if scan.is_dir() and (scan / HISTORY).is_file():
-            from .curves import plot_history
+            from cov3d.reports.curves import plot_history
 
             check_writable(output or scan / HISTORY_PLOT)
             target = plot_history(scan / HISTORY, output or scan / HISTORY_PLOT)
             console.print(f"Saved {target}")
             return
-        from .io import DEFAULT_WINDOW, parse_window
-        from .preprocess import preprocess_volume, resolve_size
-        from .show import render_views
+        from cov3d.data.io import DEFAULT_WINDOW, parse_window
+        from cov3d.data.preprocess import preprocess_volume, resolve_size
+        from cov3d.reports.show import render_views
 
         resolved = resolve_size(size.value, depth, width)
         hu_window = parse_window(window) if window is not None else DEFAULT_WINDOW
@@ -603,7 +603,7 @@ def synth(
     width: Annotated[int, typer.Option(min=32, help="Slice width = height in pixels.")] = 128,
 ) -> None:
     """Write a synthetic COV19-CT-DB-style data set of chest CT phantoms (JPEG slices + severity CSVs)."""
-    from .synth import synthesize
+    from cov3d.data.synth import synthesize
 
     with _reported():
         with _progress_bar("Generating phantoms") as progress:
@@ -626,8 +626,8 @@ def demo(
     """Run the whole job offline on synthetic phantoms: synth, preprocess, train, evaluate, predict."""
     import time
 
-    from .demo import run_demo
-    from .evaluate import describe
+    from cov3d.demo import run_demo
+    from cov3d.inference.evaluate import describe
 
     with _reported(f"run the same command again to go on where it stopped in '{output}'"):
         start = time.perf_counter()

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_text
-from .checkpoint import CONFIG, LAST, PRESENCE, SEVERITY
-from .errors import Cov3dError
+from cov3d.atomic import write_text
+from cov3d.models.checkpoint import CONFIG, LAST, PRESENCE, SEVERITY
+from cov3d.errors import Cov3dError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class WandbRun:
         self.run.log(values, step=int(row["epoch"]))
 
     def _panels(self, outputs, targets) -> dict:
-        from .loss import MILD, probabilities
+        from cov3d.training.loss import MILD, probabilities
 
         probs = probabilities(outputs, self.lam).numpy()
         truth = targets.numpy()
@@ -135,7 +135,7 @@ class WandbRun:
 
 def mid_section(file: Path) -> np.ndarray:
     """The middle axial slice of a cached (1, D, H, W) volume in [0, 1], as 8-bit grey."""
-    from .preprocess import load_cached
+    from cov3d.data.preprocess import load_cached
 
     volume = load_cached(Path(file)).float()
     middle = volume[0, volume.shape[1] // 2].clamp(0, 1).numpy()
@@ -144,7 +144,7 @@ def mid_section(file: Path) -> np.ndarray:
 
 def predictions_table(wandb, names: Sequence[str], truth: np.ndarray, probs: np.ndarray, images=None):
     """One row per scan: labels, P(covid), severity probabilities, predictions, |error| and an image."""
-    from .loss import CRITICAL, MILD
+    from cov3d.training.loss import CRITICAL, MILD
 
     table = wandb.Table(columns=TABLE_COLUMNS)
     for index, name in enumerate(names):
@@ -178,7 +178,7 @@ def presence_plots(wandb, truth: np.ndarray, p_covid: np.ndarray, threshold: flo
 
 def severity_plot(wandb, truth: np.ndarray, probs: np.ndarray) -> dict:
     """The severity confusion matrix over scans with a severity label; none without such scans."""
-    from .loss import CRITICAL, MILD
+    from cov3d.training.loss import CRITICAL, MILD
 
     labelled = (truth >= MILD) & (truth <= CRITICAL)
     if not labelled.any():

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .archs import ARCHS, build_model, get_arch
-from .atomic import save_torch
-from .errors import Cov3dError
-from .model import POOLS
+from cov3d.models.registry import ARCHS, build_model, get_arch
+from cov3d.atomic import save_torch
+from cov3d.errors import Cov3dError
+from cov3d.models.video import POOLS
 
 PRESENCE, SEVERITY, LAST = "presence.pt", "severity.pt", "last.pt"
 CONFIG, HISTORY, HISTORY_PLOT = "config.json", "history.csv", "history.png"

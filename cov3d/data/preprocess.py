@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .atomic import remove_stale_temporaries, save_torch, write_csv
-from .catalog import ScanRecord, catalog
-from .errors import Cov3dError, describe_error
-from .io import DEFAULT_WINDOW, read_scan
-from .resample import SIZES, finish
+from cov3d.atomic import remove_stale_temporaries, save_torch, write_csv
+from cov3d.data.catalog import ScanRecord, catalog
+from cov3d.errors import Cov3dError, describe_error
+from cov3d.data.io import DEFAULT_WINDOW, read_scan
+from cov3d.data.resample import SIZES, finish
 
 log = logging.getLogger(__name__)
 

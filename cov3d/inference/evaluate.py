@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
-from .atomic import replacing, write_csv, write_text
-from .catalog import catalog
-from .errors import Cov3dError
-from .loss import SEVERITY_NAMES
-from .predict import CSV_COLUMNS, load_ensemble, parse_threshold, predict_scans, prediction_rows
-from .runtime import resolve_device
+from cov3d.atomic import replacing, write_csv, write_text
+from cov3d.data.catalog import catalog
+from cov3d.errors import Cov3dError
+from cov3d.training.loss import SEVERITY_NAMES
+from cov3d.inference.predict import CSV_COLUMNS, load_ensemble, parse_threshold, predict_scans, prediction_rows
+from cov3d.training.runtime import resolve_device
 
 PRESENCE_NAMES = ("non-covid", "covid")
 

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException
 
-from . import distributed
-from .checkpoint import save_checkpoint
-from .metrics import validation_scores
-from .model import precise_batchnorm
-from .runtime import seed_everything
+from cov3d.training import distributed
+from cov3d.models.checkpoint import save_checkpoint
+from cov3d.training.metrics import validation_scores
+from cov3d.models.video import precise_batchnorm
+from cov3d.training.runtime import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ class HistoryPlot(Callback):
     def after_epoch(self):
         if self.learn.scores is None:
             return
-        from .curves import plot_history
+        from cov3d.reports.curves import plot_history
 
         try:
             plot_history(self.history, self.image)

@@ -21,19 +21,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import atomic
-from .catalog import find_scans
-from .data import reflect
-from .errors import Cov3dError, describe_error
-from .io import DEFAULT_WINDOW, natural_key
-from .archs import memory_format
-from .checkpoint import PRESENCE, SEVERITY, load_model
-from .loss import SEVERITY_NAMES, probabilities
-from .preprocess import (
+from cov3d import atomic
+from cov3d.data.catalog import find_scans
+from cov3d.data.dataset import reflect
+from cov3d.errors import Cov3dError, describe_error
+from cov3d.data.io import DEFAULT_WINDOW, natural_key
+from cov3d.models.registry import memory_format
+from cov3d.models.checkpoint import PRESENCE, SEVERITY, load_model
+from cov3d.training.loss import SEVERITY_NAMES, probabilities
+from cov3d.data.preprocess import (
     MANIFEST, Size, default_cache_dir, load_cached, preprocess_volume, read_manifest, size_dir, source_stamp,
 )
-from .precision import DTYPES, Choice, faster_of_fp32_and_bf16, fold_batchnorm, resolve_precision
-from .runtime import resolve_device
+from cov3d.training.precision import DTYPES, Choice, faster_of_fp32_and_bf16, fold_batchnorm, resolve_precision
+from cov3d.training.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def load_ensemble(paths: Sequence[Path]) -> list[Member]:
     members: list[Member] = []
     for path in paths:
         if str(path).startswith("wandb:"):  # wandb:ENTITY/PROJECT/NAME:ALIAS, downloaded to W&B's cache
-            from .tracking import download_model
+            from cov3d.training.tracking import download_model
 
             path = download_model(str(path))
         path = Path(path)

@@ -6,7 +6,7 @@ channel, dropout follows each of the four residual layers, and the 400-way
 Kinetics classifier is replaced by the Cov3d head
 Linear(features → penultimate) → ReLU → Dropout → Linear(penultimate → 6).
 
-Every architecture (see :mod:`cov3d.archs`) ends in the same pooling and head,
+Every architecture (see :mod:`cov3d.models.registry`) ends in the same pooling and head,
 built here, so they all give the same six outputs: one presence logit, then
 five severity logits in the order non-covid, mild, moderate, severe, critical.
 """
@@ -57,7 +57,7 @@ def cov3d_head(features: int, penultimate: int = 512, dropout: float = 0.5, fina
 
 def load_component(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Load pretrained weights into one backbone; a mismatch is the user's wrong file, said plainly."""
-    from .errors import Cov3dError
+    from cov3d.errors import Cov3dError
 
     try:
         module.load_state_dict(state)

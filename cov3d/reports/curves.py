@@ -6,8 +6,8 @@ import csv
 import math
 from pathlib import Path
 
-from .atomic import replacing
-from .errors import Cov3dError
+from cov3d.atomic import replacing
+from cov3d.errors import Cov3dError
 
 
 def _column(rows: list[dict], key: str) -> list[float]:

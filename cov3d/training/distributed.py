@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import Cov3dError
+from cov3d.errors import Cov3dError
 
 log = logging.getLogger(__name__)
 

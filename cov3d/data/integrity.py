@@ -14,7 +14,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from .errors import Cov3dError
+from cov3d.errors import Cov3dError
 
 _NIFTI1_HEADER, _NIFTI2_HEADER = 348, 540
 

@@ -1,0 +1,1 @@
+"""Inference: checkpoints to ensemble probabilities with TTA, evaluation on labelled splits, Grad-CAM explanations."""

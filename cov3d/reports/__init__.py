@@ -1,0 +1,1 @@
+"""Pictures from plain arrays and files: scan sections, saliency maps, training curves, evaluation plots."""

@@ -27,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402  (the CPU and peak every figure is printed beside)
-from cov3d.data.io import SLICE_SUFFIXES, natural_key
+from cov3d.data.readers import SLICE_SUFFIXES, natural_key
 from cov3d.data.preprocess import Size, preprocess_dataset, preprocess_volume, resolve_size
 
 

@@ -21,12 +21,13 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0"
 
 # Where the modules of cov3d 0.1–0.3 (one flat package) live now. `import cov3d.predict` and
-# `from cov3d.train import TrainConfig` keep working: the old name is the new module itself.
+# `from cov3d.train import TrainConfig` keep working: the old name is the new module itself. (The old
+# `cov3d.data` module is the package `cov3d.data` now, whose names ScanDataset, load_splits… still import.)
 MOVED = {
     "archs": "cov3d.models.registry", "model": "cov3d.models.video", "regnet": "cov3d.models.regnet",
     "slices": "cov3d.models.slices", "checkpoint": "cov3d.models.checkpoint",
-    "catalog": "cov3d.data.catalog", "io": "cov3d.data.io", "integrity": "cov3d.data.integrity",
-    "resample": "cov3d.data.resample", "preprocess": "cov3d.data.preprocess", "data": "cov3d.data.dataset",
+    "catalog": "cov3d.data.catalog", "io": "cov3d.data.readers", "integrity": "cov3d.data.integrity",
+    "resample": "cov3d.data.resample", "preprocess": "cov3d.data.preprocess",
     "synth": "cov3d.data.synth",
     "loss": "cov3d.training.loss", "metrics": "cov3d.training.metrics", "callbacks": "cov3d.training.callbacks",
     "train": "cov3d.training.trainer", "distributed": "cov3d.training.distributed",

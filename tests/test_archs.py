@@ -5,17 +5,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_slices
 from test_predict import scan_volume
 from typer.testing import CliRunner
 
-from cov3d.models.registry import ARCHS, SLICES, VOLUME, build_model, get_arch
+from cov3d.models.registry import ARCHS, SLICES, VOLUME, Arch, TorchvisionWeights, build_model, get_arch
 from cov3d.models.checkpoint import load_model, model_config, save_checkpoint
 from cov3d.cli import app
 from cov3d.errors import Cov3dError
-from cov3d.training.loss import Cov3dLoss, probabilities, slice_mean_logits
+from cov3d.models.slices import slice_mean_logits
+from cov3d.training.loss import Cov3dLoss, probabilities
 from cov3d.inference.predict import load_ensemble, predict_scans
 from cov3d.models.slices import SliceNet
 
@@ -252,3 +254,107 @@ def test_a_checkpoint_config_without_a_key_names_it(tmp_path):
     save_checkpoint(tmp_path / "model.pt", tiny("r3d_18"), config)
     with pytest.raises(Cov3dError, match="its config lacks width"):
         load_model(tmp_path / "model.pt")
+
+
+class Toy3d(torch.nn.Module):
+    """A four-stage 3D CNN with the Cov3d head: what a third-party architecture brings."""
+
+    def __init__(self, *, penultimate: int, dropout: float, pool: str, final_bias: bool):
+        from cov3d.models.video import cov3d_head, global_pool
+
+        super().__init__()
+        widths = (1, 4, 8, 8, 8)
+        for i, name in enumerate(("one", "two", "three", "four")):
+            setattr(self, name, torch.nn.Sequential(torch.nn.Conv3d(widths[i], widths[i + 1], 3, 2 if i else 1, 1),
+                                                    torch.nn.BatchNorm3d(widths[i + 1]), torch.nn.ReLU()))
+        self.pool = global_pool(pool, 3)
+        self.head = cov3d_head(widths[-1], penultimate, dropout, final_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.four(self.three(self.two(self.one(x))))))
+
+
+def _build_toy(states, **options):
+    model = Toy3d(**options)
+    if states:
+        model.load_state_dict(states[0])
+    return model
+
+
+TOY_STAGES = ("one", "two", "three", "four")
+
+
+def test_a_new_architecture_is_one_builder_and_one_entry(dataset, tmp_path, monkeypatch):
+    from cov3d.inference.explain import explain_scan, stage_modules
+    from cov3d.training.trainer import TrainConfig, train
+
+    monkeypatch.setitem(ARCHS, "toy3d", Arch("toy3d", VOLUME, (), (), _build_toy, "a test", "four 3D convolutions",
+                                             TOY_STAGES))
+    config = TrainConfig(data=str(dataset), output=str(tmp_path / "run"), arch="toy3d", pretrained=False, depth=8,
+                         width=16, epochs=1, batch_size=2, loader_workers=0, penultimate=8,
+                         cache=str(tmp_path / "cache"))
+    run = train(config).run
+    members = load_ensemble([run])
+    assert {m.config["arch"] for m in members} == {"toy3d"} and isinstance(members[0].model, Toy3d)
+    scan = write_slices(tmp_path / "scan", scan_volume(3, depth=6, size=20))
+    predictions, failures = predict_scans([scan], members, workers=0, precision="fp32")
+    assert not failures and 0.0 <= predictions[0].presence[0] <= 1.0
+    model = members[0].model
+    assert [stage_modules(model, s) for s in (1, 4)] == [[model.one], [model.four]]
+    explanation = explain_scan(scan, members, stage=3)
+    for task in ("presence", "severity"):
+        heat = explanation.maps[task]
+        assert heat.shape == (6, 20, 20) and np.isfinite(heat).all() and (heat >= 0).all()
+
+
+class _OwnWeights:
+    """A third-party weights source: any object with `url` and `get_state_dict(progress=...)`."""
+
+    url = "https://example.org/toy3d.pth"
+
+    def __init__(self, state):
+        self.state = state
+
+    def get_state_dict(self, progress: bool = True):
+        return self.state
+
+
+def test_a_new_architecture_can_bring_its_own_weights_loader(monkeypatch, tmp_path):
+    torch.manual_seed(3)
+    state = Toy3d(penultimate=8, dropout=0.0, pool="avg", final_bias=True).state_dict()
+    monkeypatch.setitem(ARCHS, "toy3d", Arch("toy3d", VOLUME, (_OwnWeights(state),), ("toy3d",), _build_toy,
+                                             "a test", "four 3D convolutions", TOY_STAGES))
+    model = build_model("toy3d", penultimate=8)  # pretrained by default: its entry has weights
+    torch.testing.assert_close(model.state_dict(), state)
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(Cov3dError, match="use the .* checkpoint https://example.org/toy3d.pth"):
+        build_model("toy3d", weights=[tmp_path / "junk.pth"])
+
+
+def test_an_entry_names_four_stages_and_one_component_per_weights():
+    with pytest.raises(Cov3dError, match="architecture 'toy3d' names 3 Grad-CAM stages"):
+        Arch("toy3d", VOLUME, (), (), _build_toy, "a test", "toy", TOY_STAGES[:3])
+    with pytest.raises(Cov3dError, match="architecture 'toy3d' has 1 weights for 0 components"):
+        Arch("toy3d", VOLUME, (_OwnWeights({}),), (), _build_toy, "a test", "toy", TOY_STAGES)
+
+
+def test_torchvision_weights_resolve_through_the_weights_api():
+    from cov3d._torchvision import import_torchvision
+
+    import_torchvision()
+    from torchvision.models.video import R3D_18_Weights
+
+    weights = get_arch("r3d_18").weights[0]
+    assert isinstance(weights, TorchvisionWeights) and weights.resolve() is R3D_18_Weights.KINETICS400_V1
+    assert weights.url == R3D_18_Weights.KINETICS400_V1.url
+
+
+def test_url_weights_fetch_a_state_dict_into_the_hub_cache(tmp_path, monkeypatch):
+    from cov3d.models.registry import UrlWeights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    state = {"weight": torch.arange(3.0)}
+    torch.save(state, tmp_path / "toy.pth")
+    fetched = UrlWeights((tmp_path / "toy.pth").as_uri()).get_state_dict(progress=False)
+    torch.testing.assert_close(fetched, state)
+    assert (tmp_path / "hub" / "hub" / "checkpoints" / "toy.pth").is_file()

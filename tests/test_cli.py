@@ -94,3 +94,58 @@ def test_help_keeps_every_option_name_whole_at_80_columns(command):
         for name in getattr(param, "opts", []):
             if name.startswith("--"):
                 assert name in result.output, name
+
+
+def test_train_options_default_to_train_config():
+    import dataclasses
+
+    import typer
+
+    from cov3d.training.config import RECIPES, TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    params = {param.name: param for param in typer.main.get_command(app).commands["train"].params}
+    # Every field has an option but `resolved`, which train() fills in.
+    assert {f.name for f in dataclasses.fields(TrainConfig)} - {"resolved"} <= set(params)
+    for name in defaults:
+        default = params[name].default
+        assert getattr(default, "value", default) == defaults[name], name
+    # Fields with a default factory: left unset on the command line, they take TrainConfig's.
+    assert params["weights"].default is None and params["window"].default is None
+    # The recipe values the help texts quote are RECIPES'.
+    for name in ("lr", "batch_size", "dropout"):
+        tuned, scratch = re.search(r"default: (\S+) fine-tuning, (\S+) from scratch", params[name].help).groups()
+        assert (float(tuned), float(scratch)) == (RECIPES["fine-tune"][name], RECIPES["scratch"][name]), name
+    assert f"(default: {RECIPES['fine-tune']['epochs']})" in params["epochs"].help
+
+
+def test_choices_restated_to_keep_torch_out_of_start_up_match_the_library():
+    import subprocess
+    import sys
+
+    import typer
+
+    from cov3d.cli import options, train as train_cli
+    from cov3d.data.readers import DEFAULT_WINDOW
+    from cov3d.data.resample import SIZES
+    from cov3d.models.video import POOLS
+    from cov3d.training.loss import SEVERITY_WEIGHTINGS
+    from cov3d.training.precision import PRECISIONS
+    from cov3d.training.tracking import MODES
+
+    def values(enum) -> tuple:
+        return tuple(member.value for member in enum)
+
+    assert values(options.SizeName) == tuple(SIZES)
+    assert values(options.Precision) == PRECISIONS
+    assert values(options.WandbMode) == MODES
+    assert values(train_cli.Pool) == POOLS
+    assert values(train_cli.SeverityWeights) == SEVERITY_WEIGHTINGS
+    params = {param.name: param for param in typer.main.get_command(app).commands["train"].params}
+    sizes = ", ".join(f"{name} {depth}x{width}x{width}" for name, (depth, width) in SIZES.items())
+    assert f"Preprocessed size: {sizes}." == params["size"].help
+    window = "{:g},{:g}".format(*DEFAULT_WINDOW)
+    assert f"(write --window={window}; default: the lung window {window})" in params["window"].help
+    code = "import sys, cov3d.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'fastai'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -15,8 +15,9 @@ from cov3d.models.registry import ARCHS
 from cov3d.models.checkpoint import PRESENCE
 from cov3d.cli import app
 from cov3d.errors import Cov3dError
+from cov3d.reports.explanation import top_slices
 from cov3d.inference.explain import (
-    explain_scan, grad_cam, mass_share, presence_score, severity_score, stage_modules, to_original, top_slices,
+    explain_scan, grad_cam, mass_share, presence_score, severity_score, stage_modules, to_original,
 )
 from cov3d.inference.predict import load_ensemble
 
@@ -65,6 +66,18 @@ def test_each_volume_of_a_batch_gets_the_map_of_its_own_score():
 def test_a_stage_outside_one_to_four_is_refused():
     with pytest.raises(Cov3dError, match="stage 5 is not one of 1 to 4"):
         stage_modules(tiny("r3d_18"), 5)
+
+
+def test_stages_come_from_the_registry_entry_of_the_model():
+    model = tiny("regnet3d-shallow")
+    assert stage_modules(model, 2) == [model.stages[1]]
+    with pytest.raises(Cov3dError, match="cannot explain a Sequential: it is not a cov3d architecture"):
+        stage_modules(torch.nn.Sequential(torch.nn.Conv3d(1, 1, 1)), 4)
+    bare = torch.nn.Sequential()
+    bare.layer1 = model.stages[0]
+    assert stage_modules(bare, 1, arch="r3d_18") == [model.stages[0]]  # arch= names the entry to read
+    with pytest.raises(Cov3dError, match="architecture 'r3d_18' names 'layer2' as its Grad-CAM stage 2"):
+        stage_modules(bare, 2, arch="r3d_18")
 
 
 def test_res_dense_early_stages_average_both_backbones():

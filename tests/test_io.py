@@ -7,7 +7,8 @@ import pytest
 from conftest import SHARED_DICOM, ramp_volume, write_dicom_series, write_nifti, write_slices
 
 from cov3d.errors import Cov3dError
-from cov3d.data.io import DEFAULT_WINDOW, natural_key, parse_window, read_scan, scan_kind
+from cov3d.data import readers
+from cov3d.data.readers import DEFAULT_WINDOW, natural_key, parse_window, read_scan, scan_kind
 
 
 def test_natural_key_orders_numbers_by_value():
@@ -356,3 +357,76 @@ def test_volume_geometry_is_kept_after_orienting_head_first(tmp_path):
     oriented = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPI")
     assert meta.origin == pytest.approx(oriented.GetOrigin()) and meta.direction == pytest.approx(oriented.GetDirection())
     assert meta.spacing == pytest.approx((2.5, 0.7, 0.8))
+
+
+def test_the_default_readers_are_slices_dicom_volume_in_precedence_order():
+    assert list(readers.READERS) == ["slices", "dicom", "volume"]
+    assert [reader.kind for reader in readers.READERS.values()] == ["slices", "dicom", "volume"]
+    assert [readers.get_reader(kind).windowed for kind in readers.READERS] == [False, True, True]
+    with pytest.raises(Cov3dError, match="no reader for scan kind 'numpy'; known kinds: slices, dicom, volume"):
+        readers.get_reader("numpy")
+    with pytest.raises(Cov3dError, match="scan kind 'volume' is already registered"):
+        readers.register_reader(readers.VolumeReader())
+
+
+class NumpyReader(readers.Reader):
+    """A toy format: a (D, H, W) array of HU in a .npy file."""
+
+    kind = "numpy"
+    windowed = True
+
+    def can_read(self, path):
+        return path.is_file() and path.suffix == ".npy"
+
+    def read(self, path, window, slice_width, threads):
+        low, high = window
+        from PIL import Image
+
+        from cov3d.data.resample import resize_slice
+
+        volume = np.clip((np.load(path).astype(np.float32) - low) / (high - low), 0.0, 1.0)
+        meta = readers.ScanMeta(self.kind, *volume.shape)
+        if slice_width is not None:
+            volume = np.stack([resize_slice(Image.fromarray(s), slice_width) for s in volume])
+        return readers.Scan(volume, meta)
+
+    def scan_name(self, name):
+        return name.removesuffix(".npy")
+
+
+def test_a_registered_reader_is_found_read_catalogued_and_cached(tmp_path, monkeypatch):
+    from cov3d.data.catalog import catalog, find_scans
+    from cov3d.data.preprocess import Size, preprocess_dataset, preprocess_volume, read_manifest
+
+    monkeypatch.setattr(readers, "READERS", dict(readers.READERS))  # the toy reader goes when the test ends
+    readers.register_reader(NumpyReader())
+    assert list(readers.READERS) == ["slices", "dicom", "volume", "numpy"]
+    hu = hu_volume(depth=6)
+    data = tmp_path / "data"
+    (data / "train" / "covid").mkdir(parents=True)
+    np.save(data / "train" / "covid" / "ct_scan_0.npy", hu)
+    write_slices(data / "train" / "non-covid" / "ct_scan_1", ramp_volume())
+    (data / "train_partition_covid_categories.csv").write_text("Name;Category\nct_scan_0;3\n")
+    npy = data / "train" / "covid" / "ct_scan_0.npy"
+
+    assert scan_kind(npy) == "numpy"
+    scan = read_scan(npy, window=(-1000.0, 0.0))
+    assert scan.meta.source == "numpy" and scan.volume.shape == hu.shape
+    np.testing.assert_allclose(scan.volume, np.clip((hu + 1000.0) / 1000.0, 0, 1), atol=1e-6)
+    assert find_scans(data) == [(npy, "numpy"), (data / "train" / "non-covid" / "ct_scan_1", "slices")]
+    records = {r.path: r for r in catalog(data)}
+    assert (records["train/covid/ct_scan_0.npy"].kind, records["train/covid/ct_scan_0.npy"].severity) == ("numpy", 3)
+    tensor, meta = preprocess_volume(npy, Size(depth=4, width=8))
+    assert tuple(tensor.shape) == (1, 4, 8, 8) and meta["source"] == "numpy"
+    report = preprocess_dataset(data, Size(depth=4, width=8), tmp_path / "cache", workers=1)
+    assert (report.processed, report.failures) == (2, [])
+    rows = {row["path"]: row for row in read_manifest(report.manifest)}
+    assert rows["train/covid/ct_scan_0.npy"]["source"] == "numpy"
+    assert rows["train/covid/ct_scan_0.npy"]["window"] == "-1350,150"  # windowed: the HU window applies
+    assert rows["train/non-covid/ct_scan_1"]["window"] == ""
+    # An image beside a folder holding a .npy scan is an overview of a folder of scans, not a 1-slice scan.
+    scans = tmp_path / "scans"
+    write_slices(scans, ramp_volume(depth=1), names=["overview.png"])
+    (scans / "a").mkdir()
+    np.save(scans / "a" / "scan.npy", hu)
+    assert scan_kind(scans) is None and find_scans(scans) == [(scans / "a" / "scan.npy", "numpy")]

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from cov3d.training.loss import COVID_UNKNOWN, Cov3dLoss, class_weights, neighbour_smoothing, probabilities, target_of
+from cov3d.labels import COVID_UNKNOWN, class_weights, target_of
+from cov3d.training.loss import Cov3dLoss, neighbour_smoothing, probabilities
 
 
 def sigmoid(x):
@@ -128,7 +129,7 @@ def test_lambda_one_presence_is_the_severity_sum():
 
 
 def test_inverse_frequency_severity_weights_on_hand_made_counts():
-    from cov3d.training.loss import severity_class_weights
+    from cov3d.labels import severity_class_weights
 
     # 4 non-covid, 2 mild, 1 severe, 1 unknown; no moderate or critical: K = 4 categories, N = 8
     targets = [0, 0, 0, 0, 1, 1, 3, COVID_UNKNOWN]

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from cov3d.data.catalog import catalog
 from cov3d.cli import app
 from cov3d.errors import Cov3dError
-from cov3d.data.io import read_scan
+from cov3d.data.readers import read_scan
 from cov3d.data.synth import LESION_FRACTION, make_phantom, synthesize
 
 runner = CliRunner()

@@ -334,3 +334,62 @@ def test_a_run_interrupted_in_its_first_epoch_can_be_replaced(dataset, tmp_path)
     result = train(config(dataset, tmp_path, epochs=1))
     assert load_checkpoint(result.run / "presence.pt")["epoch"] == 1
     assert not (run / ".last.12345678.tmp.pt").exists()
+
+
+def test_callback_order_keeps_every_declared_run_after_and_run_before(dataset, tmp_path):
+    from fastai.callback.core import Callback
+    from fastai.callback.fp16 import MixedPrecision
+    from fastai.learner import SkipToEpoch
+
+    from cov3d.training import callbacks
+    from cov3d.training.trainer import make_learner, make_model, prepare_data
+
+    cfg = config(dataset, tmp_path).with_recipe()
+    splits = prepare_data(cfg)
+    learn = make_learner(cfg, splits, make_model(cfg), tmp_path / "run", None, on_epoch=lambda row: None,
+                         on_batch=lambda phase, done, total: None)
+    # The callbacks a single-process CPU run leaves out, and those fastai adds for fp16 and --resume.
+    learn.add_cbs([callbacks.DataParallel(torch.device("cpu")), callbacks.AverageLoss(), callbacks.AverageBatchNorm(),
+                   callbacks.Autocast("cpu", torch.bfloat16), callbacks.ChannelsLast(), callbacks.RestoreState({}),
+                   callbacks.Tracking(None), MixedPrecision(), SkipToEpoch(1)])
+    ours = {value for value in map(callbacks.__dict__.get, callbacks.__all__)
+            if isinstance(value, type) and issubclass(value, Callback) and value is not Callback}
+    assert ours <= {type(cb) for cb in learn.cbs}  # every cov3d callback is in this learner
+
+    def declared(cb, name):
+        value = getattr(type(cb), name, ())
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+    pairs = [(cb, other) for cb in learn.cbs for other in learn.cbs for name in ("run_after", "run_before")
+             if isinstance(other, declared(cb, name))]
+    assert len(pairs) == 24  # the declarations meet callbacks of this learner, not only absent classes
+    assert callbacks.order_violations(learn.cbs) == []
+
+    class TooEarly(Callback):
+        order = 0
+        run_after = callbacks.ValidationScores
+
+    assert callbacks.order_violations([*learn.cbs, TooEarly()]) == [
+        "TooEarly (order 0) must run after ValidationScores (order 45)"]
+
+
+def test_callbacks_passed_to_train_see_every_epoch_and_the_run_state(dataset, tmp_path):
+    from fastai.callback.core import Callback
+
+    from cov3d.training.callbacks import BestCheckpoint
+
+    class Watch(Callback):
+        order, run_after = 100, BestCheckpoint  # sees this epoch's best scores
+
+        def __init__(self):
+            self.seen = []
+
+        def after_epoch(self):
+            self.seen.append((self.epoch + 1, self.learn.run_state.scores["presence_f1"]))
+            self.best = self.learn.run_state.best_scores()
+
+    watch = Watch()
+    result = train(config(dataset, tmp_path), cbs=[watch])
+    assert [epoch for epoch, _ in watch.seen] == [1, 2]
+    assert [f1 for _, f1 in watch.seen] == pytest.approx([float(r["presence_f1"]) for r in history(result.run)])
+    assert watch.best == result.best

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cov3d.errors import Cov3dError
-from cov3d.data.io import is_image_file, is_volume_file, natural_key, scan_kind
+from cov3d.data.readers import get_reader, is_image_file, natural_key, scan_kind
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class ScanRecord:
     """One scan found under DATA: where it is and what is known about it."""
 
     path: str  # relative to DATA, '/'-separated; '.' when DATA is itself the scan
-    kind: str  # 'slices', 'dicom' or 'volume'
+    kind: str  # its reader's kind: 'slices', 'dicom', 'volume' or a registered one
     split: str = ""  # 'train', 'validation', 'test' or ''
     label: str = ""  # 'covid', 'non-covid' or ''
     severity: int | None = None  # 1 mild … 4 critical
@@ -82,8 +82,10 @@ def _search(folder: Path, found: list[tuple[Path, str]], seen: set[Path]) -> Non
                 add(child, kind)
         elif is_image_file(child):
             strays.append(child.name)
-        elif is_volume_file(child):
-            add(child, "volume")
+        else:
+            kind = scan_kind(child)
+            if kind is not None:  # a file that is a whole scan, a volume say
+                add(child, kind)
     if strays:
         log.warning("%s: ignoring %d image file(s) beside scan folders, not in one: %s", folder, len(strays),
                     ", ".join(strays[:5]))
@@ -182,12 +184,14 @@ def catalog(data: Path, severity_files: dict[str, Path | None] | None = None) ->
 
 
 def _covid_scans_by_name(records: dict[str, ScanRecord]) -> dict[tuple[str, str], str]:
-    """Index covid scans by (split, name): the folder name, or a volume file's name without suffix."""
+    """Index covid scans by (split, name): the folder or file name, and the name its reader gives the scan.
+
+    A volume file's reader names it without suffix ('ct_scan_3' for 'ct_scan_3.nii.gz').
+    """
     index: dict[tuple[str, str], str] = {}
     for key, record in records.items():
         if record.label == "covid":
             leaf = key.rsplit("/", 1)[-1]
             index[(record.split, leaf)] = key
-            if record.kind == "volume":
-                index.setdefault((record.split, leaf.split(".", 1)[0]), key)
+            index.setdefault((record.split, get_reader(record.kind).scan_name(leaf)), key)
     return index

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from cov3d.errors import Cov3dError
-from cov3d.training.loss import MILD, NON_COVID, class_weights, severity_class_weights, target_of
+from cov3d import labels
+from cov3d.labels import PRESENCE_NAMES, class_weights, severity_class_weights, target_of
 from cov3d.data.preprocess import load_cached, read_manifest
 
 
@@ -76,7 +77,7 @@ class Splits:
 def _labelled(rows: list[dict], split: str, folder: Path) -> tuple[list[Path], list[int], list[str]]:
     files, targets, names = [], [], []
     for row in rows:
-        if row["split"] == split and row["label"] in ("covid", "non-covid"):
+        if row["split"] == split and row["label"] in PRESENCE_NAMES:
             severity = int(row["severity"]) if row["severity"] else None
             files.append(folder / row["cache"])
             targets.append(target_of(row["label"], severity))
@@ -85,10 +86,11 @@ def _labelled(rows: list[dict], split: str, folder: Path) -> tuple[list[Path], l
 
 
 def _count(targets: list[int]) -> dict[str, int]:
+    targets = torch.as_tensor(targets)
     return {
-        "non-covid": sum(t == NON_COVID for t in targets),
-        "covid": sum(t >= MILD for t in targets),
-        "with severity": sum(1 <= t <= 4 for t in targets),
+        "non-covid": int((~labels.is_covid(targets)).sum()),
+        "covid": int(labels.is_covid(targets).sum()),
+        "with severity": int(labels.has_severity(targets).sum()),
     }
 
 
@@ -106,7 +108,7 @@ def load_splits(manifest: Path, flip: bool = True, crop: float = 1.0) -> Splits:
                          "DATA/train/{covid,non-covid}/<scan> folders")
     counts = {"train": _count(train_targets), "validation": _count(valid_targets)}
     for split, count in counts.items():
-        for label in ("covid", "non-covid"):
+        for label in reversed(PRESENCE_NAMES):
             if count[label] == 0:
                 raise Cov3dError(f"the {split} split has no {label} scans; both classes are needed "
                                  f"in {split}/covid and {split}/non-covid")

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from cov3d.atomic import remove_stale_temporaries, save_torch, write_csv
 from cov3d.data.catalog import ScanRecord, catalog
 from cov3d.errors import Cov3dError, describe_error
-from cov3d.data.io import DEFAULT_WINDOW, read_scan
+from cov3d.data.readers import DEFAULT_WINDOW, get_reader, read_scan
 from cov3d.data.resample import SIZES, finish
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,8 @@ def _write_manifest(path: Path, rows: Iterable[dict]) -> None:
 
 
 def _window_text(record: ScanRecord, window: tuple[float, float]) -> str:
-    # JPEG/PNG slices are already windowed; the HU window only affects the others.
-    return "" if record.kind == "slices" else f"{window[0]:g},{window[1]:g}"
+    # Kinds already windowed (JPEG/PNG slices) ignore the HU window, so their cache does not depend on it.
+    return f"{window[0]:g},{window[1]:g}" if get_reader(record.kind).windowed else ""
 
 
 def _row(record: ScanRecord, cache_file: str, meta: dict, window: str, stamp: str) -> dict:
@@ -192,6 +193,9 @@ def _work(source: str, destination: str, size: Size, window: tuple[float, float]
     tensor, meta = preprocess_volume(Path(source), size, window, threads)
     save_torch(tensor, Path(destination))
     return meta
+
+
+_Job = tuple[ScanRecord, str, str, str]  # record, cache file name, window text, source stamp
 
 
 def preprocess_dataset(
@@ -219,92 +223,98 @@ def preprocess_dataset(
     folder = size_dir(cache, size)
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder)
-    manifest = folder / MANIFEST
-    previous = {row["path"]: row for row in read_manifest(manifest)}
-
-    report = PreprocessReport(manifest=manifest, total=len(records))
-    rows: dict[str, dict] = {}
-    jobs: list[tuple[ScanRecord, str, str, str]] = []
-    for record in records:
-        cache_file = cache_name(record.path, data)
-        window_text = _window_text(record, window)
-        stamp = source_stamp(data / record.path)
-        old = previous.get(record.path)
-        if (not overwrite and old and old.get("stamp") == stamp and old.get("window") == window_text
-                and _cache_is_whole(folder / cache_file, old)):
-            meta = {k: old.get(k, "") for k in ("slices", "source", "height", "width", "spacing")}
-            meta["bytes"] = str((folder / cache_file).stat().st_size)
-            rows[record.path] = _row(record, cache_file, meta, window_text, stamp)
-            report.skipped += 1
-        else:
-            jobs.append((record, cache_file, window_text, stamp))
-    if report.skipped:
-        log.info("%d of %d scans are already cached at %s", report.skipped, len(records), folder)
-
+    run = _Run(records, folder, folder / MANIFEST, progress)
+    jobs = run.plan(data, window, overwrite)
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    done = report.skipped
-    if progress:
-        progress(done, report.total)
+    try:
+        for job, result in _results(jobs, data, folder, size, window, workers, threads):
+            run.finished(job, result)
+    finally:
+        run.write_manifest()  # also on Ctrl-C: every scan finished so far is recorded, so a rerun resumes
+    return run.report
 
-    def ordered_rows() -> list[dict]:
-        return [rows[r.path] for r in records if r.path in rows]
 
-    def finished(job: tuple[ScanRecord, str, str, str], result: dict | BaseException) -> None:
-        nonlocal done
+class _Run:
+    """One preprocessing run's bookkeeping: manifest rows by scan, the report, progress, periodic saves."""
+
+    def __init__(self, records: list[ScanRecord], folder: Path, manifest: Path,
+                 progress: Callable[[int, int], None] | None):
+        self.records, self.folder, self.manifest, self.progress = records, folder, manifest, progress
+        self.report = PreprocessReport(manifest=manifest, total=len(records))
+        self.rows: dict[str, dict] = {}
+        self.done, self.last_write = 0, time.monotonic()
+
+    def plan(self, data: Path, window: tuple[float, float], overwrite: bool) -> list[_Job]:
+        """Keep the rows of scans whose cache is up to date; return the jobs for the others."""
+        previous = {row["path"]: row for row in read_manifest(self.manifest)}
+        jobs = []
+        for record in self.records:
+            cache_file = cache_name(record.path, data)
+            window_text = _window_text(record, window)
+            stamp = source_stamp(data / record.path)
+            old = previous.get(record.path)
+            if (not overwrite and old and old.get("stamp") == stamp and old.get("window") == window_text
+                    and _cache_is_whole(self.folder / cache_file, old)):
+                meta = {k: old.get(k, "") for k in ("slices", "source", "height", "width", "spacing")}
+                meta["bytes"] = str((self.folder / cache_file).stat().st_size)
+                self.rows[record.path] = _row(record, cache_file, meta, window_text, stamp)
+                self.report.skipped += 1
+            else:
+                jobs.append((record, cache_file, window_text, stamp))
+        if self.report.skipped:
+            log.info("%d of %d scans are already cached at %s", self.report.skipped, len(self.records), self.folder)
+        self.done = self.report.skipped
+        if self.progress:
+            self.progress(self.done, self.report.total)
+        return jobs
+
+    def finished(self, job: _Job, result: dict | BaseException) -> None:
         record, cache_file, window_text, stamp = job
         if isinstance(result, BaseException):
-            report.failures.append((record.path, describe_error(result)))
+            self.report.failures.append((record.path, describe_error(result)))
             log.debug("scan %s failed", record.path, exc_info=result)
-            rows.pop(record.path, None)
+            self.rows.pop(record.path, None)
         else:
-            result = {**result, "bytes": str((folder / cache_file).stat().st_size)}
-            rows[record.path] = _row(record, cache_file, result, window_text, stamp)
-            report.processed += 1
-        done += 1
-        if progress:
-            progress(done, report.total)
+            result = {**result, "bytes": str((self.folder / cache_file).stat().st_size)}
+            self.rows[record.path] = _row(record, cache_file, result, window_text, stamp)
+            self.report.processed += 1
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.report.total)
+        if time.monotonic() - self.last_write > 5:  # a long run keeps a recent manifest on disk
+            self.write_manifest()
 
-    last_write = time.monotonic()
-    try:
-        if workers == 1:
-            for job in jobs:
-                try:
-                    result: dict | BaseException = _work(str(data / job[0].path), str(folder / job[1]),
-                                                          size, window, threads)
-                except Exception as error:  # one bad scan must not stop the others
-                    result = error
-                finished(job, result)
-                if time.monotonic() - last_write > 5:
-                    _write_manifest(manifest, ordered_rows())
-                    last_write = time.monotonic()
-        else:
-            # 'spawn' keeps workers independent of the parent's torch thread pools.
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                pending: dict[Future, tuple] = {}
-                queue = iter(jobs)
+    def write_manifest(self) -> None:
+        _write_manifest(self.manifest, [self.rows[r.path] for r in self.records if r.path in self.rows])
+        self.last_write = time.monotonic()
 
-                def submit() -> None:
-                    job = next(queue, None)
-                    if job is not None:
-                        future = pool.submit(_work, str(data / job[0].path), str(folder / job[1]),
-                                             size, window, threads)
-                        pending[future] = job
 
-                for _ in range(2 * workers):  # a short queue keeps memory bounded
-                    submit()
-                while pending:
-                    complete, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in complete:
-                        job = pending.pop(future)
-                        error = future.exception()
-                        finished(job, error if error is not None else future.result())
-                        submit()
-                    if time.monotonic() - last_write > 5:
-                        _write_manifest(manifest, ordered_rows())
-                        last_write = time.monotonic()
-    finally:
-        # Also on Ctrl-C: record every scan finished so far, so a rerun resumes.
-        _write_manifest(manifest, ordered_rows())
-    return report
+def _results(jobs: list[_Job], data: Path, folder: Path, size: Size, window: tuple[float, float], workers: int,
+             threads: int) -> Iterator[tuple[_Job, dict | BaseException]]:
+    """(job, manifest fields or the error) as each job finishes: in this process, or in `workers` processes."""
+    def arguments(job: _Job) -> tuple:
+        return str(data / job[0].path), str(folder / job[1]), size, window, threads
+
+    if workers == 1:
+        for job in jobs:
+            try:
+                yield job, _work(*arguments(job))
+            except Exception as error:  # one bad scan must not stop the others
+                yield job, error
+        return
+    # 'spawn' keeps workers independent of the parent's torch thread pools.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        queue = iter(jobs)
+        pending: dict[Future, _Job] = {}
+        for job in itertools.islice(queue, 2 * workers):  # a short queue keeps memory bounded
+            pending[pool.submit(_work, *arguments(job))] = job
+        while pending:
+            complete, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in complete:
+                job = pending.pop(future)
+                error = future.exception()
+                yield job, error if error is not None else future.result()
+                following = next(queue, None)
+                if following is not None:
+                    pending[pool.submit(_work, *arguments(following))] = following

@@ -23,7 +23,7 @@ from PIL import Image
 from cov3d.atomic import write_text
 from cov3d.data.catalog import SEVERITY_FILES
 from cov3d.errors import Cov3dError
-from cov3d.data.io import DEFAULT_WINDOW
+from cov3d.data.readers import DEFAULT_WINDOW
 
 log = logging.getLogger(__name__)
 

@@ -9,16 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
+from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score, roc_curve
 
-from cov3d.atomic import replacing, write_csv, write_text
+from cov3d.atomic import write_csv, write_text
 from cov3d.data.catalog import catalog
 from cov3d.errors import Cov3dError
-from cov3d.training.loss import SEVERITY_NAMES
+from cov3d.labels import PRESENCE_NAMES, SEVERITY_CODES, SEVERITY_NAMES, severity_index, severity_name
+from cov3d.reports.evaluation import plot_evaluation
+from cov3d.training.metrics import class_f1, macro_f1
 from cov3d.inference.predict import CSV_COLUMNS, load_ensemble, parse_threshold, predict_scans, prediction_rows
 from cov3d.training.runtime import resolve_device
-
-PRESENCE_NAMES = ("non-covid", "covid")
 
 
 def youden_threshold(truth: Sequence[int], scores: Sequence[float]) -> float:
@@ -30,6 +30,29 @@ def youden_threshold(truth: Sequence[int], scores: Sequence[float]) -> float:
     j = tpr - fpr
     best = int(np.flatnonzero(j == j.max())[0])  # roc_curve lists thresholds from high to low
     return float(min(1.0, thresholds[best]))
+
+
+def presence_metrics(truth: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """Macro and per-class F1, accuracy, ROC AUC (None with one class) and confusion matrix of presence."""
+    predicted = (scores >= threshold).astype(int)
+    return {
+        "macro_f1": macro_f1(truth, predicted, [0, 1]),
+        "f1": dict(zip(PRESENCE_NAMES, map(float, class_f1(truth, predicted, [0, 1])))),
+        "accuracy": float(accuracy_score(truth, predicted)),
+        "roc_auc": float(roc_auc_score(truth, scores)) if len(set(truth.tolist())) == 2 else None,
+        "confusion_matrix": confusion_matrix(truth, predicted, labels=[0, 1]).tolist(),
+    }
+
+
+def severity_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict:
+    """Macro and per-class F1 and confusion matrix over scans with a severity label (targets MILD…CRITICAL)."""
+    codes = list(SEVERITY_CODES)
+    return {
+        "scans": len(truth),
+        "macro_f1": macro_f1(truth, predicted),
+        "f1": dict(zip(SEVERITY_NAMES, map(float, class_f1(truth, predicted, codes)))),
+        "confusion_matrix": confusion_matrix(truth, predicted, labels=codes).tolist(),
+    }
 
 
 @dataclass
@@ -67,7 +90,7 @@ def evaluate(
                                           workers=workers, roots=[data], progress=progress)
     if not predictions:
         return Evaluation(None, [], failures, None, np.zeros((2, 2), dtype=int), None)
-    truth = np.array([1 if by_path[p.path].label == "covid" else 0 for p in predictions])
+    truth = np.array([int(by_path[p.path].label == "covid") for p in predictions])
     scores = np.array([float(np.mean(p.presence)) for p in predictions])
     if threshold == "youden":
         chosen, method = youden_threshold(truth, scores), "youden"
@@ -77,9 +100,7 @@ def evaluate(
     for row, p in zip(rows, predictions):
         record = by_path[p.path]
         row["label"] = record.label
-        row["true_severity"] = SEVERITY_NAMES[record.severity - 1] if record.severity else ""
-    predicted = (scores >= chosen).astype(int)
-    both = len(set(truth.tolist())) == 2
+        row["true_severity"] = severity_name(record.severity) if record.severity else ""
     metrics: dict = {
         "split": split, "scans": len(predictions), "failed": len(failures), "threshold": chosen,
         "threshold_method": method,
@@ -88,32 +109,15 @@ def evaluate(
         "device": str(resolve_device(device)),
         # each model's precision as predict chose it, with the reason (auto: from the hardware and a measurement)
         "precision": [{"model": str(m.path), **m.precision.record()} for m in members if m.precision],
-        "presence": {
-            "macro_f1": float(f1_score(truth, predicted, average="macro", labels=[0, 1], zero_division=0)),
-            "f1": dict(zip(PRESENCE_NAMES, map(float, f1_score(truth, predicted, average=None, labels=[0, 1],
-                                                                 zero_division=0)))),
-            "accuracy": float(accuracy_score(truth, predicted)),
-            "roc_auc": float(roc_auc_score(truth, scores)) if both else None,
-            "confusion_matrix": confusion_matrix(truth, predicted, labels=[0, 1]).tolist(),
-        },
+        "presence": presence_metrics(truth, scores, chosen),
     }
-    presence_confusion = np.array(metrics["presence"]["confusion_matrix"])
-    roc = roc_curve(truth, scores)[:2] if both else None
-    severity_confusion = None
+    roc = roc_curve(truth, scores)[:2] if len(set(truth.tolist())) == 2 else None
     labelled = [(by_path[p.path].severity, p) for p in predictions if by_path[p.path].severity and p.severity]
-    if labelled:
-        true_sev = np.array([s for s, _ in labelled])
-        pred_sev = np.array([int(np.mean(p.severity, axis=0).argmax()) + 1 for _, p in labelled])
-        severity_confusion = confusion_matrix(true_sev, pred_sev, labels=[1, 2, 3, 4])
-        metrics["severity"] = {
-            "scans": len(labelled),
-            "macro_f1": float(f1_score(true_sev, pred_sev, average="macro", zero_division=0)),
-            "f1": dict(zip(SEVERITY_NAMES, map(float, f1_score(true_sev, pred_sev, average=None, labels=[1, 2, 3, 4],
-                                                                zero_division=0)))),
-            "confusion_matrix": severity_confusion.tolist(),
-        }
-    else:
-        metrics["severity"] = None
+    metrics["severity"] = severity_metrics(np.array([s for s, _ in labelled]),
+                                           np.array([int(severity_index(np.mean(p.severity, axis=0)))
+                                                     for _, p in labelled])) if labelled else None
+    presence_confusion = np.array(metrics["presence"]["confusion_matrix"])
+    severity_confusion = np.array(metrics["severity"]["confusion_matrix"]) if labelled else None
     return Evaluation(metrics, rows, failures, roc, presence_confusion, severity_confusion)
 
 
@@ -123,47 +127,7 @@ def write_outputs(evaluation: Evaluation, directory: Path) -> list[Path]:
     written = [directory / "metrics.json", directory / "predictions.csv"]
     write_text(written[0], json.dumps(evaluation.metrics, indent=2) + "\n")
     write_csv(written[1], [*CSV_COLUMNS, "label", "true_severity"], evaluation.rows)
-    written.extend(_plots(evaluation, directory))
-    return written
-
-
-def _plots(evaluation: Evaluation, directory: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    written = []
-    if evaluation.roc is not None:
-        fpr, tpr = evaluation.roc
-        auc = evaluation.metrics["presence"]["roc_auc"]
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        ax.plot(fpr, tpr, label=f"ROC (AUC {auc:.3f})")
-        ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
-        ax.set(xlabel="false positive rate", ylabel="true positive rate", title="COVID-19 presence",
-               xlim=(0, 1), ylim=(0, 1.01))
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        with replacing(directory / "roc.png") as temporary:
-            fig.savefig(temporary, dpi=120, format="png")
-        plt.close(fig)
-        written.append(directory / "roc.png")
-    matrices = [("presence_confusion.png", evaluation.presence_confusion, PRESENCE_NAMES, "Presence")]
-    if evaluation.severity_confusion is not None:
-        matrices.append(("severity_confusion.png", evaluation.severity_confusion, SEVERITY_NAMES, "Severity"))
-    for name, matrix, labels, title in matrices:
-        fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 2, 1.3 * len(labels) + 1.5))
-        ax.imshow(matrix, cmap="Blues")
-        for (i, j), value in np.ndenumerate(matrix):
-            ax.text(j, i, str(value), ha="center", va="center",
-                    color="white" if value > matrix.max() / 2 else "black")
-        ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
-               xlabel="predicted", ylabel="true", title=f"{title} confusion matrix")
-        fig.tight_layout()
-        with replacing(directory / name) as temporary:
-            fig.savefig(temporary, dpi=120, format="png")
-        plt.close(fig)
-        written.append(directory / name)
+    written.extend(plot_evaluation(evaluation, directory))
     return written
 
 

@@ -29,7 +29,6 @@ normalised per scan), so a scan with little evidence for a class has a faint map
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,68 +41,55 @@ from torch import nn
 
 from cov3d.data.dataset import reflect
 from cov3d.errors import Cov3dError
-from cov3d.data.io import DEFAULT_WINDOW, ScanMeta, read_scan
-from cov3d.training.loss import MILD, SEVERITY_NAMES, probabilities
-from cov3d.inference.predict import Member
+from cov3d.data.readers import DEFAULT_WINDOW, ScanMeta, read_scan
+from cov3d import labels
+from cov3d.labels import NON_COVID
+from cov3d.training.loss import probabilities
+from cov3d.inference.predict import Member, Steps
+from cov3d.models.registry import ARCH_ATTRIBUTE, STAGES, get_arch
 from cov3d.data.preprocess import preprocess_volume
 
 log = logging.getLogger(__name__)
 
 PRESENCE, SEVERITY = "presence", "severity"
-STAGES = 4  # every cov3d backbone has four stages; Grad-CAM's usual choice is the last
 
 
-def stage_modules(model: nn.Module, stage: int = STAGES) -> list[nn.Module]:
+def stage_modules(model: nn.Module, stage: int = STAGES, arch: str | None = None) -> list[nn.Module]:
     """The module(s) whose output is the given backbone stage (1…4) of a cov3d network.
 
-    The last stage is what the head pools. A model with two backbones
-    (res-dense) has one module per backbone at stages 1–3, whose maps are
-    averaged, and the fused output at stage 4.
+    The registry entry of `arch` (default: the name `build_model` stored on the
+    model) names them. The last stage is what the head pools. A model with two
+    backbones (res-dense) has one module per backbone at stages 1–3, whose maps
+    are averaged, and the fused output at stage 4.
     """
-    from cov3d.models.video import Cov3dNet
-    from cov3d.models.regnet import RegNet3d
-    from cov3d.models.slices import ResDense, SliceNet
-
     if not 1 <= stage <= STAGES:
         raise Cov3dError(f"stage {stage} is not one of 1 to {STAGES}; 4 is the last convolutional stage")
-    if isinstance(model, Cov3dNet):
-        return [getattr(model, f"layer{stage}")]
-    if isinstance(model, RegNet3d):
-        return [model.stages[stage - 1]]
-    if isinstance(model, SliceNet):
-        backbone = model.backbone
-        if stage == STAGES:
-            return [backbone]  # what the head pools: for DenseNet, after its final ReLU
-        if isinstance(backbone, ResDense):
-            return [_resnet_stage(backbone.resnet, stage), _densenet_stage(backbone.densenet, stage)]
-        if _is_densenet(backbone):
-            return [_densenet_stage(backbone, stage)]
-        return [_resnet_stage(backbone, stage)]
-    raise Cov3dError(f"cannot explain a {type(model).__name__}: it is not a cov3d architecture")
-
-
-def _is_densenet(body: nn.Module) -> bool:
-    return isinstance(body, nn.Sequential) and hasattr(body[0], "denseblock1")
-
-
-def _resnet_stage(body: nn.Sequential, stage: int) -> nn.Module:
-    return body[3 + stage]  # conv1, bn1, relu, maxpool, then layer1…layer4
-
-
-def _densenet_stage(body: nn.Sequential, stage: int) -> nn.Module:
-    return getattr(body[0], f"denseblock{stage}")
+    name = arch or getattr(model, ARCH_ATTRIBUTE, None)
+    if not isinstance(name, str):
+        raise Cov3dError(f"cannot explain a {type(model).__name__}: it is not a cov3d architecture (build it with "
+                         "cov3d.models.registry.build_model, or pass arch=NAME)")
+    spec = get_arch(name)
+    modules = []
+    for path in spec.stage_names(stage):
+        try:
+            modules.append(model.get_submodule(path))
+        except AttributeError:
+            raise Cov3dError(f"architecture '{name}' names '{path}' as its Grad-CAM stage {stage}, but its model "
+                             "has no such module; fix that entry's stages in cov3d/models/registry.py") from None
+    return modules
 
 
 def presence_score(logits: torch.Tensor, lam: float) -> torch.Tensor:
     """The logit of P(covid) as :func:`cov3d.training.loss.probabilities` computes it."""
     if lam >= 1.0:  # P(covid) is the sum of the covid severity probabilities: its log-odds
-        return torch.logsumexp(logits[:, 1 + MILD:6], dim=1) - logits[:, 1]
-    return logits[:, 0]
+        five = labels.severity(logits)
+        return torch.logsumexp(labels.covid_classes(five), dim=1) - five[:, NON_COVID]
+    return labels.presence(logits)
 
 
 def severity_score(logits: torch.Tensor, severity: int) -> torch.Tensor:
-    """The logit of one severity class (1 mild … 4 critical)."""
-    return logits[:, 1 + severity]
+    """The logit of one severity class (MILD … CRITICAL, i.e. 1 mild … 4 critical)."""
+    return labels.severity(logits)[:, severity]
 
 
 def grad_cam(model: nn.Module, volumes: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor],
@@ -181,7 +167,7 @@ class Explanation:
 
     @property
     def severity_name(self) -> str | None:
-        return None if self.severity is None else SEVERITY_NAMES[int(np.argmax(self.severity))]
+        return None if self.severity is None else labels.severity_name(labels.severity_index(self.severity))
 
     def title(self) -> str:
         text = f"{self.path.name}: P(covid) = {self.probability:.2f}"
@@ -200,6 +186,20 @@ def _merge(maps: torch.Tensor, tta: bool) -> torch.Tensor:
     return (maps[0] + reflect(maps[1])) / 2 if tta else maps[0]
 
 
+class _Inputs:
+    """A scan preprocessed once per (size, window) that members need: ensemble members may differ in both."""
+
+    def __init__(self, path: Path):
+        self.path, self.cache = path, {}
+
+    def __call__(self, member: Member) -> torch.Tensor:
+        key = (member.size, member.window)
+        if key not in self.cache:
+            tensor, _ = preprocess_volume(self.path, member.size, member.window)
+            self.cache[key] = tensor.float()
+        return self.cache[key]
+
+
 def explain_scan(
     path: Path,
     members: Sequence[Member],
@@ -213,66 +213,61 @@ def explain_scan(
     device = torch.device(device)
     path = Path(path)
     display = read_scan(path, window=DEFAULT_WINDOW)  # the original slices, in the lung window
-    slices, height, width = display.volume.shape
-    inputs: dict[tuple, torch.Tensor] = {}
-
-    def volume_of(member: Member) -> torch.Tensor:
-        key = (member.size, member.window)
-        if key not in inputs:
-            tensor, _ = preprocess_volume(path, member.size, member.window)
-            inputs[key] = tensor.float()
-        return inputs[key]
-
+    inputs = _Inputs(path)
     presence_members = [m for m in members if m.presence]
     severity_members = [m for m in members if m.severity]
-    total = len(presence_members) + 2 * len(severity_members)
-    done = 0
+    steps = Steps(len(presence_members) + 2 * len(severity_members), progress)
+    explanation, probabilities_of = _explain_presence(path, display, presence_members, inputs, tta, stage, device,
+                                                      steps)
+    if severity_members:
+        _explain_severity(explanation, severity_members, probabilities_of, inputs, tta, stage, device, steps)
+    return explanation
 
-    def step() -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(done, total)
 
-    if progress:
-        progress(0, total)
-    presence_sum = np.zeros((slices, height, width), dtype=np.float32)
-    member_probabilities: dict[int, torch.Tensor] = {}  # id(member) -> its (6,) probabilities, TTA mean
-    for member in presence_members:
+def _explain_presence(path: Path, display, members: list[Member], inputs: _Inputs, tta: bool, stage: int,
+                      device: torch.device, steps: Steps) -> tuple[Explanation, dict[int, torch.Tensor]]:
+    """The presence map (mean over members) and P(covid); each member's (6,) probabilities by id(member)."""
+    slices, height, width = display.volume.shape
+    total = np.zeros((slices, height, width), dtype=np.float32)
+    member_probabilities: dict[int, torch.Tensor] = {}  # TTA means
+    for member in members:
         lam = float(member.config["lambda"])
-        volume_map, logits = _member_map(member, volume_of(member), partial(presence_score, lam=lam), tta, stage,
+        volume_map, logits = _member_map(member, inputs(member), partial(presence_score, lam=lam), tta, stage,
                                          device)
-        presence_sum += to_original(volume_map, slices, height, width)
+        total += to_original(volume_map, slices, height, width)
         member_probabilities[id(member)] = probabilities(logits, lam).mean(dim=0)
-        step()
-    presence_probabilities = [float(member_probabilities[id(m)][0]) for m in presence_members]
-    explanation = Explanation(path, display.volume, display.meta, float(np.mean(presence_probabilities)), None,
-                              {PRESENCE: presence_sum / len(presence_members)},
-                              aspect_depth=presence_members[0].size.depth / presence_members[0].size.width)
-    if not severity_members:
-        return explanation
-    # Every severity member explains the same class: the one the ensemble predicts.
+        steps.step()
+    p_covid = [float(labels.presence(member_probabilities[id(m)])) for m in members]
+    explanation = Explanation(path, display.volume, display.meta, float(np.mean(p_covid)), None,
+                              {PRESENCE: total / len(members)},
+                              aspect_depth=members[0].size.depth / members[0].size.width)
+    return explanation, member_probabilities
+
+
+def _explain_severity(explanation: Explanation, members: list[Member], known: dict[int, torch.Tensor],
+                      inputs: _Inputs, tta: bool, stage: int, device: torch.device, steps: Steps) -> None:
+    """P(severity | covid) into `explanation`, and the map of the class the ensemble predicts (every member
+    explains that same class). Members that answered presence reuse their probabilities from `known`."""
+    slices, height, width = explanation.scan.shape
     fours = []
-    for member in severity_members:
-        probs = member_probabilities.get(id(member))  # a member that answers both tasks ran already
+    for member in members:
+        probs = known.get(id(member))
         if probs is None:
             with torch.inference_mode():
-                batch = _passes(volume_of(member), tta).to(device)
+                batch = _passes(inputs(member), tta).to(device)
                 probs = probabilities(member.model.to(device)(batch).float(), float(member.config["lambda"]))
             probs = probs.mean(dim=0)
-        four = probs[2:6].cpu().numpy()
-        fours.append(four / max(float(four.sum()), 1e-12))
-        step()
+        fours.append(labels.severity_given_covid(probs.cpu().numpy()))
+        steps.step()
     explanation.severity = np.mean(fours, axis=0)
-    severity = int(np.argmax(explanation.severity)) + MILD
-    severity_sum = np.zeros((slices, height, width), dtype=np.float32)
-    for member in severity_members:
-        volume_map, _ = _member_map(member, volume_of(member), partial(severity_score, severity=severity), tta,
+    severity = int(labels.severity_index(explanation.severity))
+    total = np.zeros((slices, height, width), dtype=np.float32)
+    for member in members:
+        volume_map, _ = _member_map(member, inputs(member), partial(severity_score, severity=severity), tta,
                                     stage, device)
-        severity_sum += to_original(volume_map, slices, height, width)
-        step()
-    explanation.maps[SEVERITY] = severity_sum / len(severity_members)
-    return explanation
+        total += to_original(volume_map, slices, height, width)
+        steps.step()
+    explanation.maps[SEVERITY] = total / len(members)
 
 
 def _member_map(member: Member, volume: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor], tta: bool,
@@ -285,68 +280,9 @@ def _member_map(member: Member, volume: torch.Tensor, score: Callable[[torch.Ten
     return _merge(maps.cpu(), tta), logits.cpu()
 
 
-def peak(volume_map: np.ndarray) -> tuple[int, int, int]:
-    """(slice, row, column) of a map's maximum."""
-    return tuple(int(i) for i in np.unravel_index(int(np.argmax(volume_map)), volume_map.shape))
-
-
-def top_slices(volume_map: np.ndarray, count: int = 12) -> list[int]:
-    """The `count` slices holding the most map mass, in slice order.
-
-    Slices closer than slices/(3·count) to one already chosen are passed over,
-    so that a thin-slice scan shows several regions rather than one region
-    twelve times over.
-    """
-    mass = volume_map.reshape(volume_map.shape[0], -1).sum(axis=1)
-    gap = max(1, math.ceil(len(mass) / (3 * count))) if len(mass) > count else 1
-    chosen: list[int] = []
-    for index in np.argsort(-mass, kind="stable"):
-        if len(chosen) == count:
-            break
-        if all(abs(int(index) - c) >= gap for c in chosen):
-            chosen.append(int(index))
-    return sorted(chosen)
-
-
 def mass_share(volume_map: np.ndarray, mask: np.ndarray) -> float:
     """The share of a map's total mass inside a boolean mask of the same shape (0 for an all-zero map)."""
     if volume_map.shape != mask.shape:
         raise ValueError(f"map {volume_map.shape} and mask {mask.shape} differ in shape")
     total = float(volume_map.sum(dtype=np.float64))
     return float(volume_map[mask].sum(dtype=np.float64)) / total if total > 0 else 0.0
-
-
-def write_explanation(explanation: Explanation, output: Path) -> list[Path]:
-    """Pictures, NIfTI maps and explain.json for each task into `output`; returns the files written.
-
-    `<task>.png` (three sections through the map's maximum), `<task>-montage.png`
-    (the most attended axial slices) and `<task>.nii.gz` (the map on the original
-    slices, with the scan's geometry). A scan without geometry (JPEG/PNG slices)
-    gets its slices written too, as `scan.nii.gz` on the same grid, to lay the map over.
-    """
-    import json
-
-    from cov3d.atomic import write_text
-    from cov3d.data.io import write_volume
-    from cov3d.reports.show import render_montage, render_saliency
-
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    summary: dict = {"scan": str(explanation.path), "probability": explanation.probability,
-                     "severity": explanation.severity_name,
-                     "severity_probabilities": None if explanation.severity is None else
-                     {name: float(p) for name, p in zip(SEVERITY_NAMES, explanation.severity)},
-                     "shape": list(explanation.scan.shape), "maps": {}}
-    for task, volume_map in explanation.maps.items():
-        written.append(write_volume(output / f"{task}.nii.gz", volume_map, explanation.meta))
-        written.append(render_saliency(explanation, task, output / f"{task}.png"))
-        written.append(render_montage(explanation, task, output / f"{task}-montage.png"))
-        summary["maps"][task] = {"peak": list(peak(volume_map)), "max": float(volume_map.max()),
-                                 "mean": float(volume_map.mean()), "top_slices": top_slices(volume_map)}
-    if explanation.meta.origin is None:
-        grey = np.round(explanation.scan * 255).astype(np.uint8)
-        written.append(write_volume(output / "scan.nii.gz", grey, explanation.meta))
-    written.append(output / "explain.json")
-    write_text(output / "explain.json", json.dumps(summary, indent=2) + "\n")
-    return written

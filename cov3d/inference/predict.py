@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +25,12 @@ from cov3d import atomic
 from cov3d.data.catalog import find_scans
 from cov3d.data.dataset import reflect
 from cov3d.errors import Cov3dError, describe_error
-from cov3d.data.io import DEFAULT_WINDOW, natural_key
+from cov3d.data.readers import DEFAULT_WINDOW, natural_key
 from cov3d.models.registry import memory_format
 from cov3d.models.checkpoint import PRESENCE, SEVERITY, load_model
-from cov3d.training.loss import SEVERITY_NAMES, probabilities
+from cov3d import labels
+from cov3d.labels import SEVERITY_NAMES
+from cov3d.training.loss import probabilities
 from cov3d.data.preprocess import (
     MANIFEST, Size, default_cache_dir, load_cached, preprocess_volume, read_manifest, size_dir, source_stamp,
 )
@@ -271,6 +273,37 @@ def _time_both(model: torch.nn.Module, arch: str, shape: tuple[int, ...]) -> tup
     return seconds[0], seconds[1]
 
 
+class Steps:
+    """Progress over a known number of steps, reported as `report(done, total)` after each advance."""
+
+    def __init__(self, total: int, report: Callable[[int, int], None] | None):
+        self.done, self.total, self.report = 0, total, report
+        if report:
+            report(0, total)
+
+    def step(self, count: int = 1) -> None:
+        self.done += count
+        if self.report:
+            self.report(self.done, self.total)
+
+
+def _batches(loader: DataLoader, size: int, failures: dict[int, str],
+             steps: Steps) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(scan indices, stacked volumes) of up to `size` scans that could be read; the others go to `failures`."""
+    pending: list[tuple[int, torch.Tensor]] = []
+    for index, tensor, reason in loader:
+        if reason:
+            failures[index] = reason
+            steps.step()
+            continue
+        pending.append((index, tensor))
+        if len(pending) == size:
+            yield [i for i, _ in pending], torch.stack([t for _, t in pending])
+            pending = []
+    if pending:
+        yield [i for i, _ in pending], torch.stack([t for _, t in pending])
+
+
 def predict_scans(
     scans: list[Path],
     members: list[Member],
@@ -297,43 +330,20 @@ def predict_scans(
     for member, runner in zip(members, runners):
         groups.setdefault((member.size, member.window), []).append((member, runner))
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    total, done = len(scans) * len(groups), 0
-    if progress:
-        progress(0, total)
+    steps = Steps(len(scans) * len(groups), progress)
     for (size, window), group in groups.items():
         dataset = _CachedOrFresh(scans, size, window, [Path(r) for r in roots])
-        # batch_size=None: single items; batches are formed below so a failed scan never breaks one.
+        # batch_size=None: single items; batches are formed by _batches so a failed scan never breaks one.
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
-        pending: list[tuple[int, torch.Tensor]] = []
-
-        def flush() -> None:
-            nonlocal done
-            if not pending:
-                return
-            indices = [i for i, _ in pending]
-            outputs = _run([m for m, _ in group], [r for _, r in group], torch.stack([t for _, t in pending]), tta,
-                           torch_device)
+        for indices, volumes in _batches(loader, batch_size, failures, steps):
+            outputs = _run([m for m, _ in group], [r for _, r in group], volumes, tta, torch_device)
             for (member, _), probs in zip(group, outputs):
                 for row, i in enumerate(indices):
                     if member.presence:
-                        predictions[i].presence.append(float(probs[row, 0]))
+                        predictions[i].presence.append(float(labels.presence(probs[row])))
                     if member.severity:
-                        four = probs[row, 2:6].numpy()
-                        predictions[i].severity.append(four / max(float(four.sum()), 1e-12))
-            done += len(pending)
-            pending.clear()
-            if progress:
-                progress(done, total)
-
-        for index, tensor, reason in loader:
-            if reason:
-                failures[index] = reason
-                done += 1
-                continue
-            pending.append((index, tensor))
-            if len(pending) == batch_size:
-                flush()
-        flush()
+                        predictions[i].severity.append(labels.severity_given_covid(probs[row].numpy()))
+            steps.step(len(indices))
     ok = [p for i, p in enumerate(predictions) if i not in failures]
     return ok, [(str(scans[i]), reason) for i, reason in sorted(failures.items())]
 
@@ -347,7 +357,7 @@ def prediction_rows(predictions: list[Prediction], threshold: float = 0.5) -> li
                "prediction": "covid" if probability >= threshold else "non-covid", "severity": ""}
         if p.severity:
             four = np.mean(p.severity, axis=0)
-            row["severity"] = SEVERITY_NAMES[int(four.argmax())]
+            row["severity"] = labels.severity_name(labels.severity_index(four))
             row.update({name: f"{value:.6f}" for name, value in zip(SEVERITY_NAMES, four)})
         else:
             row.update({name: "" for name in SEVERITY_NAMES})

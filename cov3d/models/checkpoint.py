@@ -19,15 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cov3d import labels
 from cov3d.models.registry import ARCHS, build_model, get_arch
 from cov3d.atomic import save_torch
 from cov3d.errors import Cov3dError
+from cov3d.models.defaults import DROPOUT, PENULTIMATE
 from cov3d.models.video import POOLS
 
 PRESENCE, SEVERITY, LAST = "presence.pt", "severity.pt", "last.pt"
 CONFIG, HISTORY, HISTORY_PLOT = "config.json", "history.csv", "history.png"
 FORMAT = 2
-OUTPUT_NAMES = ["presence", "non-covid", "mild", "moderate", "severe", "critical"]
+OUTPUT_NAMES = list(labels.OUTPUT_NAMES)  # as config.json and checkpoints store it
 REQUIRED = ("arch", "depth", "width", "lambda", "outputs")
 
 
@@ -85,7 +87,7 @@ _CONFIG_RULES = {
     "window": ("two numbers LOW < HIGH", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
                and all(_is_number(x) for x in v) and v[0] < v[1]),
 }
-_FORMAT_1_DEFAULTS = {"pool": "avg", "final_bias": True, "penultimate": 512, "dropout": 0.5,
+_FORMAT_1_DEFAULTS = {"pool": "avg", "final_bias": True, "penultimate": PENULTIMATE, "dropout": DROPOUT,
                       "window": [-1350.0, 150.0]}
 
 

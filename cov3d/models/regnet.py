@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from cov3d.models.defaults import DROPOUT, PENULTIMATE
 from cov3d.models.video import OUTPUTS, cov3d_head, global_pool
 
 STEM_WIDTH = 32  # RegNet's stem width
@@ -47,8 +48,8 @@ class RegNet3d(nn.Module):
     """Stem → stages of :class:`Bottleneck3d` → global pool → Cov3d head; input (B, 1, D, H, W)."""
 
     def __init__(self, blocks: Sequence[int], widths: Sequence[int], group_width: int = 8,
-                 bottleneck_ratio: float = 1.0, *, penultimate: int = 512, dropout: float = 0.5, pool: str = "avg",
-                 final_bias: bool = True, outputs: int = OUTPUTS):
+                 bottleneck_ratio: float = 1.0, *, penultimate: int = PENULTIMATE, dropout: float = DROPOUT,
+                 pool: str = "avg", final_bias: bool = True, outputs: int = OUTPUTS):
         super().__init__()
         if len(blocks) != len(widths):
             raise ValueError(f"{len(blocks)} stage depths but {len(widths)} stage widths")

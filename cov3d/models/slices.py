@@ -12,13 +12,16 @@ S = D or the `slices` sampled per scan). In evaluation the model returns
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from cov3d import labels
 from cov3d._torchvision import import_torchvision
-from cov3d.training.loss import slice_mean_logits
+from cov3d.models.defaults import DROPOUT, PENULTIMATE
 from cov3d.models.video import OUTPUTS, cov3d_head, global_pool, load_component, one_channel_stem
 
 log = logging.getLogger(__name__)
@@ -27,10 +30,26 @@ log = logging.getLogger(__name__)
 _DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12])\.([^.]+)$")
 
 
+def slice_mean_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(B, S, 6) per-slice logits → (B, 6) logits whose probabilities are the mean of the slices' (seed 000 §4).
+
+    The presence logit is log(mean σ) − log(mean (1 − σ)) and the severity
+    logits are log(mean softmax), computed in log space so that no probability
+    is clipped: :func:`cov3d.training.loss.probabilities` of the result equals the
+    mean of those of the slices, whatever λ.
+    """
+    logits = logits.float()
+    slices = logits.shape[1]
+    z = labels.presence(logits)
+    presence = torch.logsumexp(F.logsigmoid(z), dim=1) - torch.logsumexp(F.logsigmoid(-z), dim=1)
+    severity = torch.logsumexp(F.log_softmax(labels.severity(logits), dim=-1), dim=1) - math.log(slices)
+    return labels.join(presence, severity)
+
+
 class SliceNet(nn.Module):
     """A 2D backbone (N, 1, H, W) → (N, C, h, w) per slice, global pooling and the Cov3d head."""
 
-    def __init__(self, backbone: nn.Module, features: int, *, penultimate: int = 512, dropout: float = 0.5,
+    def __init__(self, backbone: nn.Module, features: int, *, penultimate: int = PENULTIMATE, dropout: float = DROPOUT,
                  pool: str = "avg", final_bias: bool = True, slices: int = 0, outputs: int = OUTPUTS):
         super().__init__()
         self.backbone = backbone

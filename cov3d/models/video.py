@@ -19,10 +19,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from cov3d.labels import OUTPUTS
+from cov3d.models.defaults import DROPOUT, PENULTIMATE
+
 log = logging.getLogger(__name__)
 
-OUTPUTS = 6  # presence logit + 5 severity logits
-SEVERITY_CLASSES = ("non-covid", "mild", "moderate", "severe", "critical")
 POOLS = ("avg", "max")
 
 
@@ -46,7 +47,7 @@ def global_pool(kind: str, dims: int) -> nn.Module:
     return pools[kind, dims](1)
 
 
-def cov3d_head(features: int, penultimate: int = 512, dropout: float = 0.5, final_bias: bool = True,
+def cov3d_head(features: int, penultimate: int = PENULTIMATE, dropout: float = DROPOUT, final_bias: bool = True,
                outputs: int = OUTPUTS) -> nn.Sequential:
     """Flatten → Linear(features → penultimate) → ReLU → Dropout → Linear(penultimate → outputs)."""
     return nn.Sequential(
@@ -102,7 +103,7 @@ def precise_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
 class Cov3dNet(nn.Module):
     """A torchvision VideoResNet adapted to (B, 1, D, H, W) CT volumes with the Cov3d head."""
 
-    def __init__(self, backbone: nn.Module, penultimate: int = 512, dropout: float = 0.5, pool: str = "avg",
+    def __init__(self, backbone: nn.Module, penultimate: int = PENULTIMATE, dropout: float = DROPOUT, pool: str = "avg",
                  final_bias: bool = True, outputs: int = OUTPUTS):
         super().__init__()
         stem = backbone.stem
@@ -121,8 +122,8 @@ class Cov3dNet(nn.Module):
         return self.head(self.pool(x))
 
 
-def video_resnet(builder, state: dict[str, torch.Tensor] | None, name: str, *, penultimate: int = 512,
-                 dropout: float = 0.5, pool: str = "avg", final_bias: bool = True) -> Cov3dNet:
+def video_resnet(builder, state: dict[str, torch.Tensor] | None, name: str, *, penultimate: int = PENULTIMATE,
+                 dropout: float = DROPOUT, pool: str = "avg", final_bias: bool = True) -> Cov3dNet:
     """A Cov3dNet over torchvision's `builder`, starting from `state` (Kinetics-400) when given."""
     backbone = builder(weights=None)
     if state is not None:

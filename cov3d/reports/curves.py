@@ -6,8 +6,8 @@ import csv
 import math
 from pathlib import Path
 
-from cov3d.atomic import replacing
 from cov3d.errors import Cov3dError
+from cov3d.reports.figures import pyplot, save
 
 
 def _column(rows: list[dict], key: str) -> list[float]:
@@ -30,11 +30,7 @@ def read_history(path: Path) -> list[dict]:
 
 def plot_history(history: Path, image: Path) -> Path:
     """Draw losses, presence and severity F1, and the learning rate per epoch; write `image` atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if not Path(history).is_file():
         raise Cov3dError(f"'{history}' does not exist; a run directory has one after its first epoch")
     rows = read_history(history)
@@ -60,7 +56,4 @@ def plot_history(history: Path, image: Path) -> Path:
             axis.set_xticks(epochs)
     fig.suptitle(Path(history).parent.name)
     fig.tight_layout()
-    with replacing(Path(image)) as temporary:
-        fig.savefig(temporary, dpi=110, format="png")
-    plt.close(fig)
-    return Path(image)
+    return save(fig, image, dpi=110)

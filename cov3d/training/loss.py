@@ -1,63 +1,18 @@
 """The combined presence/severity loss of the paper (§3.3, eq. 1–6), with its activation and decoding.
 
-Targets are one integer per scan:
-
-    0 non-covid, 1 mild, 2 moderate, 3 severe, 4 critical, 5 covid of unknown severity
-
-so presence is ``target >= 1`` and every item carries its own label type.
+Targets, outputs and their layout are the label schema's (:mod:`cov3d.labels`).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-NON_COVID, MILD, MODERATE, SEVERE, CRITICAL, COVID_UNKNOWN = range(6)
-SEVERITY_NAMES = ("mild", "moderate", "severe", "critical")
-
-
-def target_of(label: str, severity: int | None) -> int:
-    """The integer target of a scan labelled 'covid'/'non-covid' with an optional severity 1–4."""
-    if label == "non-covid":
-        return NON_COVID
-    if label == "covid":
-        return COVID_UNKNOWN if severity is None else int(severity)
-    raise ValueError(f"scan label must be 'covid' or 'non-covid', got '{label}'")
-
-
-def class_weights(targets: list[int] | torch.Tensor) -> tuple[float, float]:
-    """Weights (non-covid, covid) that balance the two presence classes: N / (2 · N_class).
-
-    Computed from the training targets, so each class contributes equally to the loss.
-    """
-    targets = torch.as_tensor(targets)
-    positives = int((targets >= MILD).sum())
-    negatives = int(targets.numel() - positives)
-    if positives == 0 or negatives == 0:
-        raise ValueError("both covid and non-covid scans are needed to weight the classes")
-    total = positives + negatives
-    return total / (2 * negatives), total / (2 * positives)
-
+from cov3d import labels
+from cov3d.labels import COVID_UNKNOWN, CRITICAL
 
 SEVERITY_WEIGHTINGS = ("presence", "inverse")
-
-
-def severity_class_weights(targets: list[int] | torch.Tensor) -> tuple[float, ...]:
-    """Inverse-frequency weights of the six target categories (the paper author's code): N / (K · N_c).
-
-    Categories: non-covid, mild, moderate, severe, critical, covid of unknown
-    severity; K counts those present in the training split, so the weights
-    average 1 over its scans. A category absent from training gets weight 0
-    (nothing in training carries it).
-    """
-    targets = torch.as_tensor(targets)
-    counts = torch.bincount(targets, minlength=COVID_UNKNOWN + 1)[: COVID_UNKNOWN + 1].tolist()
-    present = sum(1 for n in counts if n)
-    total = sum(counts)
-    return tuple(total / (present * n) if n else 0.0 for n in counts)
 
 
 def neighbour_smoothing(epsilon: float, classes: int = 5) -> torch.Tensor:
@@ -84,7 +39,7 @@ class Cov3dLoss(nn.Module):
     ε_s, or −log Σ_{c=1..4} s_c for covid scans of unknown severity. Both are
     weighted by the item's presence class weight w_i (eq. 4–5 as the paper
     states them), unless `severity_weights` gives the severity term its own
-    weight per target category (see :func:`severity_class_weights`).
+    weight per target category (see :func:`cov3d.labels.severity_class_weights`).
     """
 
     def __init__(self, lam: float = 0.1, weights: tuple[float, float] = (1.0, 1.0),
@@ -116,19 +71,19 @@ class Cov3dLoss(nn.Module):
             return per_slice.view(items, slices).mean(dim=1)
         logits = logits.float()  # stable under autocast
         target = target.long()
-        positive = target >= MILD
+        positive = labels.is_covid(target)
         w = self.weights[positive.long()]
         loss = torch.zeros_like(w)
         if self.lam < 1.0:
             eps = self.presence_smoothing
             y = torch.where(positive, 1.0 - eps, eps)
-            presence = F.binary_cross_entropy_with_logits(logits[:, 0], y, reduction="none")
+            presence = F.binary_cross_entropy_with_logits(labels.presence(logits), y, reduction="none")
             loss = loss + (1.0 - self.lam) * w * presence
         if self.lam > 0.0:
-            log_s = F.log_softmax(logits[:, 1:6], dim=1)
+            log_s = F.log_softmax(labels.severity(logits), dim=1)
             soft = self.smoothing[target.clamp(max=CRITICAL)]
             labelled = -(soft * log_s).sum(dim=1)
-            unlabelled = -torch.logsumexp(log_s[:, MILD:], dim=1)
+            unlabelled = -torch.logsumexp(labels.covid_classes(log_s), dim=1)
             severity = torch.where(target == COVID_UNKNOWN, unlabelled, labelled)
             w_s = w if self.severity_weights is None else self.severity_weights[target]
             loss = loss + self.lam * w_s * severity
@@ -145,28 +100,12 @@ class Cov3dLoss(nn.Module):
     def decodes(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Presence (0/1 at threshold 0.5) and severity 1–4 (argmax over the four covid classes)."""
         probs = self.activation(logits)
-        return (probs[:, 0] >= 0.5).long(), probs[:, 2:6].argmax(dim=1) + MILD
+        return (labels.presence(probs) >= 0.5).long(), labels.severity_index(labels.covid_severity(probs))
 
 
 def probabilities(logits: torch.Tensor, lam: float) -> torch.Tensor:
     """P(covid) and the five severity probabilities of a model trained with `lam`."""
     logits = logits.float()
-    severity = F.softmax(logits[:, 1:6], dim=1)
-    presence = severity[:, MILD:].sum(dim=1) if lam >= 1.0 else torch.sigmoid(logits[:, 0])
-    return torch.cat([presence[:, None], severity], dim=1)
-
-
-def slice_mean_logits(logits: torch.Tensor) -> torch.Tensor:
-    """(B, S, 6) per-slice logits → (B, 6) logits whose probabilities are the mean of the slices' (seed 000 §4).
-
-    The presence logit is log(mean σ) − log(mean (1 − σ)) and the severity
-    logits are log(mean softmax), computed in log space so that no probability
-    is clipped: :func:`probabilities` of the result equals the mean of
-    :func:`probabilities` over the slices, whatever λ.
-    """
-    logits = logits.float()
-    slices = logits.shape[1]
-    z = logits[..., 0]
-    presence = torch.logsumexp(F.logsigmoid(z), dim=1) - torch.logsumexp(F.logsigmoid(-z), dim=1)
-    severity = torch.logsumexp(F.log_softmax(logits[..., 1:6], dim=-1), dim=1) - math.log(slices)
-    return torch.cat([presence[:, None], severity], dim=1)
+    severity = F.softmax(labels.severity(logits), dim=1)
+    presence = labels.covid_classes(severity).sum(dim=1) if lam >= 1.0 else torch.sigmoid(labels.presence(logits))
+    return labels.join(presence, severity)

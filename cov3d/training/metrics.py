@@ -6,15 +6,27 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from cov3d.training.loss import CRITICAL, MILD, probabilities
+from cov3d import labels
+from cov3d.labels import SEVERITY_CODES, SEVERITY_NAMES
+from cov3d.training.loss import probabilities
+
+
+def class_f1(truth: np.ndarray, predicted: np.ndarray, classes: list[int]) -> np.ndarray:
+    """F1 of each of `classes` (0 where a class is never true nor predicted)."""
+    return f1_score(truth, predicted, average=None, labels=classes, zero_division=0)
+
+
+def macro_f1(truth: np.ndarray, predicted: np.ndarray, classes: list[int] | None = None) -> float:
+    """Macro F1 over `classes`, or over the classes present in `truth` or `predicted` when None."""
+    return float(f1_score(truth, predicted, average="macro", labels=classes, zero_division=0))
 
 
 def presence_scores(probs: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Macro F1 and accuracy of covid vs non-covid; `probs` are P(covid)."""
-    truth = (targets >= MILD).astype(int)
+    truth = labels.is_covid(targets).astype(int)
     predicted = (probs >= threshold).astype(int)
     return {
-        "presence_f1": float(f1_score(truth, predicted, average="macro", labels=[0, 1], zero_division=0)),
+        "presence_f1": macro_f1(truth, predicted, [0, 1]),
         "presence_accuracy": float(accuracy_score(truth, predicted)),
     }
 
@@ -25,24 +37,23 @@ def severity_f1(severity_probs: np.ndarray, targets: np.ndarray) -> float:
     `severity_probs` holds the four covid severity probabilities (mild…critical).
     NaN when no scan carries a severity label.
     """
-    labelled = (targets >= MILD) & (targets <= CRITICAL)
+    labelled = labels.has_severity(targets)
     if not labelled.any():
         return float("nan")
-    predicted = severity_probs[labelled].argmax(axis=1) + MILD
-    return float(f1_score(targets[labelled], predicted, average="macro", zero_division=0))
+    predicted = labels.severity_index(severity_probs[labelled])
+    return macro_f1(targets[labelled], predicted)
 
 
 def per_class_f1(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     """F1 of each presence class (threshold 0.5) and of each severity class over severity-labelled scans."""
-    truth = (targets >= MILD).astype(int)
-    presence = f1_score(truth, (probs[:, 0] >= 0.5).astype(int), average=None, labels=[0, 1], zero_division=0)
+    truth = labels.is_covid(targets).astype(int)
+    presence = class_f1(truth, (labels.presence(probs) >= 0.5).astype(int), [0, 1])
     scores = {"f1_non_covid": float(presence[0]), "f1_covid": float(presence[1])}
-    labelled = (targets >= MILD) & (targets <= CRITICAL)
+    labelled = labels.has_severity(targets)
     if labelled.any():
-        predicted = probs[labelled, 2:6].argmax(axis=1) + MILD
-        severity = f1_score(targets[labelled], predicted, average=None, labels=[1, 2, 3, 4], zero_division=0)
-        scores.update({f"f1_{name}": float(v) for name, v in zip(("mild", "moderate", "severe", "critical"),
-                                                                  severity)})
+        predicted = labels.severity_index(labels.covid_severity(probs[labelled]))
+        severity = class_f1(targets[labelled], predicted, list(SEVERITY_CODES))
+        scores.update({f"f1_{name}": float(v) for name, v in zip(SEVERITY_NAMES, severity)})
     return scores
 
 
@@ -50,7 +61,7 @@ def validation_scores(logits: torch.Tensor, targets: torch.Tensor, lam: float) -
     """All per-epoch metrics from a split's raw model outputs."""
     probs = probabilities(logits, lam).cpu().numpy()
     truth = targets.cpu().numpy()
-    scores = presence_scores(probs[:, 0], truth)
-    scores["severity_f1"] = severity_f1(probs[:, 2:6], truth)
+    scores = presence_scores(labels.presence(probs), truth)
+    scores["severity_f1"] = severity_f1(labels.covid_severity(probs), truth)
     scores.update(per_class_f1(probs, truth))
     return scores

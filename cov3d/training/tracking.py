@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cov3d import labels
 from cov3d.atomic import write_text
+from cov3d.labels import MILD, PRESENCE_NAMES, SEVERITY_NAMES
 from cov3d.models.checkpoint import CONFIG, LAST, PRESENCE, SEVERITY
 from cov3d.errors import Cov3dError
 
@@ -38,10 +40,10 @@ MODES = ("online", "offline", "disabled")
 RUN_FILE = "wandb.json"  # the W&B run of a run directory: entity, project, id
 REFERENCE = "wandb:"
 ALIASES = {PRESENCE: "best-presence", SEVERITY: "best-severity", LAST: "latest"}
-PRESENCE_CLASSES = ["non-covid", "covid"]
-SEVERITY_CLASSES = ["mild", "moderate", "severe", "critical"]
-TABLE_COLUMNS = ["scan", "label", "severity_label", "p_covid", "prediction", "error", "mild", "moderate", "severe",
-                 "critical", "severity_prediction", "image"]
+PRESENCE_CLASSES = list(PRESENCE_NAMES)
+SEVERITY_CLASSES = list(SEVERITY_NAMES)
+TABLE_COLUMNS = ["scan", "label", "severity_label", "p_covid", "prediction", "error", *SEVERITY_NAMES,
+                 "severity_prediction", "image"]
 
 
 def resolve_mode(mode: str | None) -> str:
@@ -102,14 +104,15 @@ class WandbRun:
         self.run.log(values, step=int(row["epoch"]))
 
     def _panels(self, outputs, targets) -> dict:
-        from cov3d.training.loss import MILD, probabilities
+        from cov3d.training.loss import probabilities
 
         probs = probabilities(outputs, self.lam).numpy()
         truth = targets.numpy()
         if self.images is None:
             self.images = [mid_section(file) for file in self.files]
         table = predictions_table(self.wandb, self.names, truth, probs, self.images)
-        panels = {"validation/predictions": table, **presence_plots(self.wandb, truth >= MILD, probs[:, 0])}
+        panels = {"validation/predictions": table,
+                  **presence_plots(self.wandb, labels.is_covid(truth), labels.presence(probs))}
         panels.update(severity_plot(self.wandb, truth, probs))
         return {key if key.startswith("validation/") else f"validation/{key}": value for key, value in panels.items()}
 
@@ -144,18 +147,16 @@ def mid_section(file: Path) -> np.ndarray:
 
 def predictions_table(wandb, names: Sequence[str], truth: np.ndarray, probs: np.ndarray, images=None):
     """One row per scan: labels, P(covid), severity probabilities, predictions, |error| and an image."""
-    from cov3d.training.loss import CRITICAL, MILD
-
     table = wandb.Table(columns=TABLE_COLUMNS)
     for index, name in enumerate(names):
         target = int(truth[index])
-        covid = float(probs[index, 0])
-        severity = probs[index, 2:6] / max(float(probs[index, 2:6].sum()), 1e-12)  # given covid
+        covid = float(labels.presence(probs[index]))
+        severity = labels.severity_given_covid(probs[index])
         table.add_data(
-            name, PRESENCE_CLASSES[int(target >= MILD)],
-            SEVERITY_CLASSES[target - MILD] if MILD <= target <= CRITICAL else "",
-            covid, PRESENCE_CLASSES[int(covid >= 0.5)], abs(float(target >= MILD) - covid),
-            *map(float, severity), SEVERITY_CLASSES[int(severity.argmax())],
+            name, PRESENCE_CLASSES[int(labels.is_covid(target))],
+            labels.severity_name(target) if labels.has_severity(target) else "",
+            covid, PRESENCE_CLASSES[int(covid >= 0.5)], abs(float(labels.is_covid(target)) - covid),
+            *map(float, severity), labels.severity_name(labels.severity_index(severity)),
             wandb.Image(images[index], caption=name) if images is not None else None)
     return table
 
@@ -178,12 +179,10 @@ def presence_plots(wandb, truth: np.ndarray, p_covid: np.ndarray, threshold: flo
 
 def severity_plot(wandb, truth: np.ndarray, probs: np.ndarray) -> dict:
     """The severity confusion matrix over scans with a severity label; none without such scans."""
-    from cov3d.training.loss import CRITICAL, MILD
-
-    labelled = (truth >= MILD) & (truth <= CRITICAL)
+    labelled = labels.has_severity(truth)
     if not labelled.any():
         return {}
-    predicted = probs[labelled, 2:6].argmax(axis=1)
+    predicted = labels.covid_severity(probs[labelled]).argmax(axis=1)  # 0 mild … 3 critical, as class_names
     return {"severity_confusion": wandb.plot.confusion_matrix(
         y_true=(truth[labelled] - MILD).tolist(), preds=predicted.tolist(), class_names=SEVERITY_CLASSES,
         title="Severity confusion matrix")}

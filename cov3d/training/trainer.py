@@ -12,7 +12,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import fastai.callback.fp16  # noqa: F401  (adds Learner.to_fp16)
@@ -25,148 +25,24 @@ from fastai.torch_core import to_detach
 from fastcore.foundation import L
 
 from cov3d.training import distributed
-from cov3d.models.registry import SLICES, build_model, get_arch, memory_format, resolve_pretrained
+from cov3d.models.registry import build_model, get_arch, memory_format, resolve_pretrained
 from cov3d.atomic import remove_stale_temporaries, write_csv, write_text
 from cov3d.training.callbacks import (
-    HISTORY_COLUMNS, AverageBatchNorm, AverageLoss, Autocast, BatchProgress, BestCheckpoint, ChannelsLast,
-    DataParallel, EpochReport, History, HistoryPlot, LastCheckpoint, PreciseBatchNorm, RestoreState, StopOnNaN,
-    Timing, Tracking, ValidationScores,
+    HISTORY_COLUMNS, AverageBatchNorm, AverageLoss, Autocast, BatchProgress, BestCheckpoint, Callback, ChannelsLast,
+    DataParallel, EpochReport, History, HistoryPlot, LastCheckpoint, PreciseBatchNorm, RestoreState, RunState,
+    StopOnNaN, Timing, Tracking, ValidationScores, order_violations,
 )
 from cov3d.models.checkpoint import CONFIG, HISTORY, HISTORY_PLOT, LAST, PRESENCE, SEVERITY, load_checkpoint, model_config
 from cov3d.reports.curves import read_history
 from cov3d.data.dataset import Splits, load_splits
 from cov3d.errors import Cov3dError
-from cov3d.data.io import DEFAULT_WINDOW
-from cov3d.training.loss import SEVERITY_WEIGHTINGS, Cov3dLoss
-from cov3d.models.video import POOLS
-from cov3d.training.precision import PRECISIONS, resolve_precision
+from cov3d.training.config import RECIPES, TrainConfig  # noqa: F401  (RECIPES: re-exported for callers)
+from cov3d.training.loss import Cov3dLoss
+from cov3d.training.precision import resolve_precision
 from cov3d.data.preprocess import preprocess_dataset, resolve_size
 from cov3d.training.runtime import guard_cpu_bf16_conv3d, resolve_device, seed_everything, versions
 
 log = logging.getLogger(__name__)
-
-# Options a run takes from its recipe unless given. Fine-tuning pretrained weights: the paper's values
-# (§3.4-3.5). From scratch (no pretrained weights, or none exist): measured on the demo's phantoms, see
-# docs/training.md. Epochs stay the paper's for both.
-RECIPES: dict[str, dict[str, float | int]] = {
-    "fine-tune": {"lr": 1e-4, "batch_size": 2, "dropout": 0.5, "epochs": 40},
-    "scratch": {"lr": 1e-3, "batch_size": 8, "dropout": 0.0, "epochs": 40},
-}
-
-
-@dataclass
-class TrainConfig:
-    """Every option of a training run; the paper's defaults (§3.2–3.5, Table 3 run 1 except size)."""
-
-    data: str
-    output: str
-    arch: str = "r3d_18"
-    pretrained: bool | None = None  # None: the architecture's default (pretrained where weights exist)
-    weights: list[str] = field(default_factory=list)  # local pretrained files, one per component of the arch
-    size: str | None = "small"
-    depth: int | None = None
-    width: int | None = None
-    lam: float = 0.1
-    presence_smoothing: float = 0.1
-    severity_smoothing: float = 0.0
-    severity_weights: str = "inverse"  # inverse frequency per severity category; "presence": eq. 4-5's item weight
-    dropout: float | None = None  # None: from the recipe (RECIPES), as are lr, batch_size and epochs
-    penultimate: int = 512
-    pool: str = "avg"  # the paper's text; the paper author's code uses "max"
-    final_bias: bool = True  # the paper's text; the paper author's code has no final bias
-    lr: float | None = None
-    weight_decay: float = 1e-5
-    batch_size: int | None = None
-    epochs: int | None = None
-    # precise BatchNorm: training scans measured before each validation; 0 = off. 64 scored as all the training
-    # scans did on two runs, at a third or less of the cost (docs/training.md).
-    bn_scans: int = 64
-    flip: bool = True
-    crop: float = 1.0  # seed 004's random crop: smallest kept fraction of each axis; 1 = off
-    slices: int = 0  # 2D slice models: slices sampled per scan in a training step; 0 = all
-    # BatchNorm statistics over the global batch (SyncBatchNorm). None: on for distributed runs on CUDA, where
-    # it measured better at batch 2 per process, off otherwise (no CPU version); see docs/distributed.md.
-    sync_bn: bool | None = None
-    seed: int = 42
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    device: str = "auto"  # auto | cpu | cuda[:N]
-    loader_workers: int | None = None
-    cache: str | None = None
-    window: tuple[float, float] = DEFAULT_WINDOW
-    train_severity: str | None = None
-    validation_severity: str | None = None
-    wandb: bool = False
-    wandb_project: str = "cov3d"
-    wandb_entity: str | None = None
-    wandb_mode: str | None = None
-    resolved: dict = field(default_factory=dict)  # filled in by train(): sizes, weights, versions…
-
-    def to_json(self) -> dict:
-        """The config as config.json holds it: every field, the severity weight named `lambda` as the option."""
-        data = asdict(self)
-        data["lambda"] = data.pop("lam")
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict) -> TrainConfig:
-        """A config from config.json, including those of cov3d 0.1 (`lam`, one weights path or null)."""
-        data = dict(data)
-        data.pop("resolved", None)
-        if "lambda" in data:
-            data["lam"] = data.pop("lambda")
-        if "window" in data:
-            data["window"] = tuple(data["window"])
-        if not isinstance(data.get("weights", []), list):
-            data["weights"] = [data["weights"]] if data["weights"] else []
-        # A run of cov3d 0.1 goes on as it began: presence-weighted severity, fastai's BatchNorm statistics.
-        data.setdefault("severity_weights", "presence")
-        data.setdefault("bn_scans", 0)
-        return cls(**data)
-
-    @property
-    def recipe(self) -> str:
-        """'fine-tune' from pretrained weights, else 'scratch'."""
-        pretrained = resolve_pretrained(self.arch, self.pretrained, len(self.weights))
-        return "fine-tune" if pretrained else "scratch"
-
-    def with_recipe(self) -> TrainConfig:
-        """This config with lr, batch size, dropout and epochs taken from its recipe where not given."""
-        for name, value in RECIPES[self.recipe].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        return self
-
-    def validate(self) -> None:
-        spec = get_arch(self.arch)
-        missing = [name for name in RECIPES["scratch"] if getattr(self, name) is None]
-        if missing:
-            raise Cov3dError(f"{', '.join(missing)} not set; call TrainConfig.with_recipe() first")
-        if not 0.0 <= self.lam <= 1.0:
-            raise Cov3dError(f"--lambda {self.lam} is outside [0, 1]; 0 trains presence only, 1 severity only")
-        for name in ("presence_smoothing", "severity_smoothing", "dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise Cov3dError(f"--{name.replace('_', '-')} {value} must be within [0, 1)")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise Cov3dError(f"--epochs {self.epochs} and --batch-size {self.batch_size} must be at least 1")
-        if self.lr <= 0:
-            raise Cov3dError(f"--lr {self.lr} must be positive")
-        if self.precision not in PRECISIONS:
-            raise Cov3dError(f"--precision {self.precision} is not one of {', '.join(PRECISIONS)}")
-        if self.pool not in POOLS:
-            raise Cov3dError(f"--pool {self.pool} is not one of {', '.join(POOLS)}")
-        if not 0.0 < self.crop <= 1.0:
-            raise Cov3dError(f"--crop {self.crop} must be within (0, 1]; 1 turns cropping off")
-        if self.slices < 0:
-            raise Cov3dError(f"--slices {self.slices} must be 0 (all slices) or more")
-        if self.severity_weights not in SEVERITY_WEIGHTINGS:
-            raise Cov3dError(f"--severity-weights {self.severity_weights} is not one of "
-                             f"{', '.join(SEVERITY_WEIGHTINGS)}")
-        if self.bn_scans < 0:
-            raise Cov3dError(f"--bn-scans {self.bn_scans} must be 0 (off) or more")
-        if self.slices and spec.input != SLICES:
-            raise Cov3dError(f"--slices applies to 2D slice models only, not --arch {self.arch}; leave it out")
-        resolve_pretrained(self.arch, self.pretrained, len(self.weights))
 
 
 @dataclass
@@ -181,14 +57,17 @@ class TrainResult:
 def train(config: TrainConfig, resume: bool = False, on_epoch: Callable[[dict], None] | None = None,
           on_preprocess: Callable[[int, int], None] | None = None,
           on_batch: Callable[[str | None, int, int], None] | None = None,
-          options: Collection[str] = ()) -> TrainResult:
+          options: Collection[str] = (), cbs: Collection[Callback] = ()) -> TrainResult:
     """Train a cov3d model as configured; write the run directory; return the best scores.
 
     `on_epoch(row)` is called with each epoch's history row (its "epochs" is the
     run's total); `on_preprocess(done, total)` reports progress while the cache
     is brought up to date; `on_batch(phase, done, total)` as batches pass (phase
     is None within a phase). With `resume`, `options` names the fields of
-    `config` the user set explicitly (see :func:`_resumed_config`).
+    `config` the user set explicitly (see :func:`_resumed_config`). `cbs` are
+    extra fastai callbacks for the Learner; they may read the run's shared
+    state, `learn.run_state` (:class:`cov3d.training.callbacks.RunState`), and
+    declare `run_after`/`run_before`, which are checked against their `order`.
     """
     launch = distributed.launch_from_environment()
     if launch.distributed:
@@ -207,7 +86,7 @@ def train(config: TrainConfig, resume: bool = False, on_epoch: Callable[[dict], 
         model = make_model(config, resume)
         if launch.distributed:  # the same weights everywhere, but each rank its own augmentation draws
             seed_everything(config.seed + launch.rank)
-        learn = make_learner(config, splits, model, run, previous, on_epoch, on_batch)
+        learn = make_learner(config, splits, model, run, previous, on_epoch, on_batch, cbs)
         return fit(learn, config, run, previous)
     except RuntimeError as error:
         if distributed.peer_lost(error):  # the rank that failed has printed why; torchrun is stopping the rest
@@ -296,8 +175,12 @@ def make_model(config: TrainConfig, resume: bool = False) -> torch.nn.Module:
 
 def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, run: Path, previous: dict | None,
                  on_epoch: Callable[[dict], None] | None = None,
-                 on_batch: Callable[[str | None, int, int], None] | None = None) -> Learner:
-    """A plain fastai Learner: Adam, the combined loss, and one callback per job; restored from `previous`."""
+                 on_batch: Callable[[str | None, int, int], None] | None = None,
+                 cbs: Collection[Callback] = ()) -> Learner:
+    """A plain fastai Learner: Adam, the combined loss, and one callback per job; restored from `previous`.
+
+    `cbs` are more fastai callbacks, the caller's; the callbacks share `learn.run_state` (a `RunState`).
+    """
     device = torch.device(config.resolved["device"])
     precision = config.resolved["precision"]
     main = distributed.is_main()
@@ -323,9 +206,8 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
     if config.lam == 1.0:
         # The presence logit is never trained at λ = 1; presence comes from the severity sum.
         log.info("lambda is 1: presence is read from the severity probabilities")
-    nan_guard = StopOnNaN()
-    callbacks = [ValidationScores(config.lam), Timing(), nan_guard, *best.values(),
-                 LastCheckpoint(run / LAST, checkpoint_config, best)]
+    callbacks = [ValidationScores(config.lam), Timing(), StopOnNaN(), *best.values(),
+                 LastCheckpoint(run / LAST, checkpoint_config)]
     if main:  # files of the run and reports: rank 0's job
         callbacks += [History(run / HISTORY), HistoryPlot(run / HISTORY, run / HISTORY_PLOT)]
     world = distributed.world_size()
@@ -342,22 +224,26 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
         callbacks.append(EpochReport(on_epoch))
     if on_batch and main:
         callbacks.append(BatchProgress(on_batch))
+    callbacks += list(cbs)
     loss = Cov3dLoss(config.lam, splits.weights, config.presence_smoothing, config.severity_smoothing,
                      splits.severity_weights if config.severity_weights == "inverse" else None)
     learn = Learner(dls, model, loss_func=loss, opt_func=Adam, lr=config.lr, wd=config.weight_decay,
                     cbs=callbacks, path=run, model_dir=".")
+    learn.run_state = RunState(best_checkpoints=best)
     if hasattr(learn, "progress"):  # fastai's console bar; progress goes through on_batch instead
         learn.remove_cb(learn.progress)
     if precision == "fp16":
         learn.to_fp16()
-    learn.scores = None
-    learn.best_checkpoints, learn.nan_guard = best, nan_guard  # read by fit()
     if previous is not None:
         learn.add_cb(RestoreState(previous, config.seed))
         learn.model.load_state_dict(previous["model"])
         learn.create_opt()
         learn.opt.load_state_dict({"state": previous["optimizer"]["state"],
                                    "hypers": L(previous["optimizer"]["hypers"])})
+    # fastai runs callbacks by `order` alone; the run_after / run_before the classes declare are checked here.
+    problems = order_violations(learn.cbs)
+    if problems:
+        raise Cov3dError(f"callbacks out of order: {'; '.join(problems)}")
     return learn
 
 
@@ -421,26 +307,25 @@ def fit(learn: Learner, config: TrainConfig, run: Path, previous: dict | None = 
 
         valid = learn.dls.valid.dataset
         tracker = WandbRun(config, run, names=valid.names, files=valid.files)
-        learn.add_cb(Tracking(tracker, learn.best_checkpoints))
-    nan_guard = learn.nan_guard
+        learn.add_cb(Tracking(tracker))
+    state = learn.run_state
     try:
         if start_epoch < config.epochs:
             with learn.no_logging():  # epochs are reported through on_epoch, not printed
                 learn.fit_one_cycle(config.epochs, lr_max=config.lr, wd=config.weight_decay,
                                     moms=(0.95, 0.85, 0.95), start_epoch=start_epoch)
-        if nan_guard.epoch_failed is not None:
-            raise Cov3dError(f"the loss became NaN in epoch {nan_guard.epoch_failed}; training stopped. "
+        if state.nan_epoch is not None:
+            raise Cov3dError(f"the loss became NaN in epoch {state.nan_epoch}; training stopped. "
                              f"The best checkpoints so far are kept in {run}; try a lower --lr")
         if tracker:
-            tracker.finish({name: cb.best for name, cb in learn.best_checkpoints.items()})
+            tracker.finish(state.best_scores())
     finally:
         if tracker:
             tracker.close()
     if distributed.world_size() > 1:
         distributed.barrier()  # history.csv is complete once rank 0 gets here
     history = read_history(run / HISTORY)
-    return TrainResult(run, {name: cb.best for name, cb in learn.best_checkpoints.items()}, len(history), history,
-                       main)
+    return TrainResult(run, state.best_scores(), len(history), history, main)
 
 
 def _path(value: str | None) -> Path | None:

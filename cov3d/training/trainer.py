@@ -197,34 +197,8 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
     # keeps a resumed run's draws in step with the uninterrupted run's.
     for loader in dls.loaders:
         loader.n_inp
-    best_so_far = previous.get("best", {}) if previous else {}
-    best = {"presence_f1": BestCheckpoint("presence_f1", run / PRESENCE, checkpoint_config,
-                                          best_so_far.get("presence_f1", -math.inf))}
-    if config.lam > 0:
-        best["severity_f1"] = BestCheckpoint("severity_f1", run / SEVERITY, checkpoint_config,
-                                             best_so_far.get("severity_f1", -math.inf))
-    if config.lam == 1.0:
-        # The presence logit is never trained at λ = 1; presence comes from the severity sum.
-        log.info("lambda is 1: presence is read from the severity probabilities")
-    callbacks = [ValidationScores(config.lam), Timing(), StopOnNaN(), *best.values(),
-                 LastCheckpoint(run / LAST, checkpoint_config)]
-    if main:  # files of the run and reports: rank 0's job
-        callbacks += [History(run / HISTORY), HistoryPlot(run / HISTORY, run / HISTORY_PLOT)]
-    world = distributed.world_size()
-    if world > 1:
-        callbacks += [DataParallel(device), AverageLoss(), AverageBatchNorm()]
-    if config.bn_scans:  # bn_scans counts scans over all ranks together
-        callbacks.append(PreciseBatchNorm(math.ceil(config.bn_scans / (config.batch_size * world)),
-                                          channels_last=device.type == "cuda"))
-    if precision == "bf16":  # fp16 goes through fastai's MixedPrecision below, which adds loss scaling
-        callbacks.append(Autocast(device.type, torch.bfloat16))
-    if device.type == "cuda":
-        callbacks.append(ChannelsLast())
-    if on_epoch and main:
-        callbacks.append(EpochReport(on_epoch))
-    if on_batch and main:
-        callbacks.append(BatchProgress(on_batch))
-    callbacks += list(cbs)
+    best = _best_checkpoints(config, run, checkpoint_config, previous)
+    callbacks = [*_callbacks(config, run, device, checkpoint_config, best, on_epoch, on_batch), *cbs]
     loss = Cov3dLoss(config.lam, splits.weights, config.presence_smoothing, config.severity_smoothing,
                      splits.severity_weights if config.severity_weights == "inverse" else None)
     learn = Learner(dls, model, loss_func=loss, opt_func=Adam, lr=config.lr, wd=config.weight_decay,
@@ -245,6 +219,46 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
     if problems:
         raise Cov3dError(f"callbacks out of order: {'; '.join(problems)}")
     return learn
+
+
+def _best_checkpoints(config: TrainConfig, run: Path, checkpoint_config: dict,
+                      previous: dict | None) -> dict[str, BestCheckpoint]:
+    """One BestCheckpoint per task the run trains, each starting from the best a resumed run had reached."""
+    best_so_far = previous.get("best", {}) if previous else {}
+    best = {"presence_f1": BestCheckpoint("presence_f1", run / PRESENCE, checkpoint_config,
+                                          best_so_far.get("presence_f1", -math.inf))}
+    if config.lam > 0:
+        best["severity_f1"] = BestCheckpoint("severity_f1", run / SEVERITY, checkpoint_config,
+                                             best_so_far.get("severity_f1", -math.inf))
+    if config.lam == 1.0:
+        # The presence logit is never trained at λ = 1; presence comes from the severity sum.
+        log.info("lambda is 1: presence is read from the severity probabilities")
+    return best
+
+
+def _callbacks(config: TrainConfig, run: Path, device: torch.device, checkpoint_config: dict,
+               best: dict[str, BestCheckpoint], on_epoch: Callable[[dict], None] | None,
+               on_batch: Callable[[str | None, int, int], None] | None) -> list[Callback]:
+    """cov3d's callbacks for this run: one per job, those of files and reports on rank 0 only."""
+    main, world = distributed.is_main(), distributed.world_size()
+    callbacks = [ValidationScores(config.lam), Timing(), StopOnNaN(), *best.values(),
+                 LastCheckpoint(run / LAST, checkpoint_config)]
+    if main:  # files of the run and reports: rank 0's job
+        callbacks += [History(run / HISTORY), HistoryPlot(run / HISTORY, run / HISTORY_PLOT)]
+    if world > 1:
+        callbacks += [DataParallel(device), AverageLoss(), AverageBatchNorm()]
+    if config.bn_scans:  # bn_scans counts scans over all ranks together
+        callbacks.append(PreciseBatchNorm(math.ceil(config.bn_scans / (config.batch_size * world)),
+                                          channels_last=device.type == "cuda"))
+    if config.resolved["precision"] == "bf16":  # fp16 goes through fastai's MixedPrecision, with loss scaling
+        callbacks.append(Autocast(device.type, torch.bfloat16))
+    if device.type == "cuda":
+        callbacks.append(ChannelsLast())
+    if on_epoch and main:
+        callbacks.append(EpochReport(on_epoch))
+    if on_batch and main:
+        callbacks.append(BatchProgress(on_batch))
+    return callbacks
 
 
 def make_loaders(config: TrainConfig, splits: Splits, device: torch.device) -> DataLoaders:

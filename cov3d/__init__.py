@@ -39,6 +39,17 @@ MOVED = {
 }
 
 
+def moved_names(module: str, homes: dict[str, str]):
+    """A module `__getattr__` that answers names which moved out of `module` with them from their new homes."""
+
+    def __getattr__(name: str):
+        if name in homes:
+            return getattr(importlib.import_module(homes[name]), name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Answers the old flat module names with the modules that now hold their code."""
 

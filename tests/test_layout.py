@@ -119,3 +119,14 @@ def test_the_modules_of_cov3d_0_3_still_import():
     from cov3d.data.dataset import ScanDataset as moved, load_splits as moved_loader
 
     assert (ScanDataset, load_splits) == (moved, moved_loader)
+    # names that left their 0.3 module still import from it
+    from cov3d.explain import top_slices, write_explanation
+    from cov3d.loss import MILD, SEVERITY_NAMES, slice_mean_logits, target_of
+    from cov3d.reports import explanation
+    from cov3d.show import render_montage, render_saliency
+
+    assert (write_explanation, top_slices, render_saliency, render_montage) == (
+        explanation.write_explanation, explanation.top_slices, explanation.render_saliency,
+        explanation.render_montage)
+    assert (MILD, SEVERITY_NAMES, target_of("covid", 2)) == (1, ("mild", "moderate", "severe", "critical"), 2)
+    assert callable(slice_mean_logits)

@@ -42,7 +42,7 @@ from torch import nn
 from cov3d.data.dataset import reflect
 from cov3d.errors import Cov3dError
 from cov3d.data.readers import DEFAULT_WINDOW, ScanMeta, read_scan
-from cov3d import labels
+from cov3d import labels, moved_names
 from cov3d.labels import NON_COVID
 from cov3d.training.loss import probabilities
 from cov3d.inference.predict import Member, Steps
@@ -50,6 +50,10 @@ from cov3d.models.registry import ARCH_ATTRIBUTE, STAGES, get_arch
 from cov3d.data.preprocess import preprocess_volume
 
 log = logging.getLogger(__name__)
+
+# Names this module held in cov3d 0.3, still importable from here.
+__getattr__ = moved_names(__name__, dict.fromkeys(("write_explanation", "peak", "top_slices"),
+                                                  "cov3d.reports.explanation"))
 
 PRESENCE, SEVERITY = "presence", "severity"
 

@@ -258,7 +258,7 @@ def _prepare(member: Member, device: torch.device, choice: Choice, auto: bool, b
 
 
 def _time_both(model: torch.nn.Module, arch: str, shape: tuple[int, ...]) -> tuple[float, float]:
-    """Seconds of one forward pass of `model` on a random batch of `shape`, in fp32 and in bf16, each as run."""
+    """Best-of-3 seconds of a forward pass of `model` on a random batch of `shape`, in fp32 and bf16, each as run."""
     cpu = torch.device("cpu")
     x = torch.rand(shape)
     seconds = []
@@ -267,9 +267,12 @@ def _time_both(model: torch.nn.Module, arch: str, shape: tuple[int, ...]) -> tup
         module = inference_runner(model.to(memory_format=layout), cpu, precision)
         inputs = x.contiguous(memory_format=torch.channels_last_3d) if precision == "bf16" else x
         _forward(module, 0.1, inputs, cpu, precision)  # warm-up: oneDNN builds its kernels on the first call
-        start = time.perf_counter()
-        _forward(module, 0.1, inputs, cpu, precision)
-        seconds.append(time.perf_counter() - start)
+        best = float("inf")
+        for _ in range(3):  # the best of three: the verdict is cached for good, so one slow pass must not decide
+            start = time.perf_counter()
+            _forward(module, 0.1, inputs, cpu, precision)
+            best = min(best, time.perf_counter() - start)
+        seconds.append(best)
     return seconds[0], seconds[1]
 
 

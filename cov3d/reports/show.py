@@ -6,7 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cov3d import moved_names
 from cov3d.reports.figures import pyplot, save
+
+# Names this module held in cov3d 0.3, still importable from here.
+__getattr__ = moved_names(__name__, dict.fromkeys(("render_saliency", "render_montage"), "cov3d.reports.explanation"))
 
 
 def render_views(volume: np.ndarray, output: Path, title: str = "") -> Path:

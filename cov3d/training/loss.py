@@ -9,10 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cov3d import labels
+from cov3d import labels, moved_names
 from cov3d.labels import COVID_UNKNOWN, CRITICAL
 
 SEVERITY_WEIGHTINGS = ("presence", "inverse")
+
+# Names this module held in cov3d 0.3, still importable from here.
+__getattr__ = moved_names(__name__, {
+    **{name: "cov3d.labels" for name in ("NON_COVID", "MILD", "MODERATE", "SEVERE", "CRITICAL", "SEVERITY_NAMES",
+                                         "target_of", "class_weights", "severity_class_weights")},
+    "slice_mean_logits": "cov3d.models.slices"})
 
 
 def neighbour_smoothing(epsilon: float, classes: int = 5) -> torch.Tensor:

@@ -154,8 +154,8 @@ def cached_timing(name: str, measure: Callable[[], tuple[float, float]], cache: 
             saved = {}
     saved = saved if isinstance(saved, dict) else {}
     entry = saved.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("fp32"), float) and isinstance(entry.get("bf16"), float):
-        return entry["fp32"], entry["bf16"]
+    if (isinstance(entry, dict) and all(isinstance(entry.get(k), float) and entry[k] > 0 for k in ("fp32", "bf16"))):
+        return entry["fp32"], entry["bf16"]  # (a damaged entry, zero or negative, is measured again)
     fp32, bf16 = measure()
     if file is not None:
         try:
@@ -237,6 +237,11 @@ def resolve_precision(requested: str, device: torch.device | str, task: str = "i
         return choice
     if requested == "fp32":
         return Choice("fp32", "as asked")
+    if requested == "auto" and task == "training":  # no need to ask the CPU: training's auto is fp32 on any
+        choice = Choice("fp32", "training on a CPU stays in fp32 (bf16 training lowered validation F1; "
+                                "--precision bf16 is there to choose)")
+        _announce(choice)
+        return choice
     native, why = cpu_bf16(cache)
     if requested == "bf16":
         choice = Choice("bf16", "as asked" if native else f"as asked, although {why}")
@@ -244,11 +249,7 @@ def resolve_precision(requested: str, device: torch.device | str, task: str = "i
             _announce(Choice("bf16", f"asked for, but {why}: expect it many times slower than --precision fp32"),
                       logging.WARNING)
         return choice
-    if task == "training":
-        choice = Choice("fp32", "training on a CPU stays in fp32 (bf16 training lowered validation F1; "
-                                "--precision bf16 is there to choose)")
-    else:
-        choice = Choice("bf16", why) if native else Choice("fp32", why)
+    choice = Choice("bf16", why) if native else Choice("fp32", why)
     _announce(choice)
     return choice
 

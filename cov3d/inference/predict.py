@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,9 @@ from cov3d.training.loss import probabilities
 from cov3d.data.preprocess import (
     MANIFEST, Size, default_cache_dir, load_cached, preprocess_volume, read_manifest, size_dir, source_stamp,
 )
-from cov3d.training.precision import DTYPES, Choice, faster_of_fp32_and_bf16, fold_batchnorm, resolve_precision
+from cov3d.training.precision import (
+    DTYPES, Choice, best_seconds, faster_of_fp32_and_bf16, fold_batchnorm, resolve_precision,
+)
 from cov3d.training.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -266,13 +267,8 @@ def _time_both(model: torch.nn.Module, arch: str, shape: tuple[int, ...]) -> tup
         layout = memory_format(arch) if precision == "bf16" else torch.contiguous_format
         module = inference_runner(model.to(memory_format=layout), cpu, precision)
         inputs = x.contiguous(memory_format=torch.channels_last_3d) if precision == "bf16" else x
-        _forward(module, 0.1, inputs, cpu, precision)  # warm-up: oneDNN builds its kernels on the first call
-        best = float("inf")
-        for _ in range(3):  # the best of three: the verdict is cached for good, so one slow pass must not decide
-            start = time.perf_counter()
-            _forward(module, 0.1, inputs, cpu, precision)
-            best = min(best, time.perf_counter() - start)
-        seconds.append(best)
+        # the best of three: the verdict is cached for good, so one slow pass must not decide
+        seconds.append(best_seconds(lambda: _forward(module, 0.1, inputs, cpu, precision)))
     return seconds[0], seconds[1]
 
 

@@ -118,6 +118,17 @@ def _fingerprint(info: CpuInfo) -> str:
     return hashlib.sha1("|".join(keys).encode()).hexdigest()[:16]
 
 
+def best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of `repeats` calls of `run`, after one warm-up call (oneDNN builds its kernels on the first)."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def time_bf16(repeats: int = 3) -> tuple[float, float]:
     """Best-of-`repeats` seconds of one small 3D convolution in fp32 and under bf16 autocast."""
     generator = torch.Generator().manual_seed(0)
@@ -127,13 +138,7 @@ def time_bf16(repeats: int = 3) -> tuple[float, float]:
     with torch.inference_mode():
         for name in ("fp32", "bf16"):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
-                conv(x)  # warm-up: oneDNN builds its kernel on the first call
-                best = float("inf")
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    conv(x)
-                    best = min(best, time.perf_counter() - start)
-            seconds[name] = best
+                seconds[name] = best_seconds(lambda: conv(x), repeats)
     return seconds["fp32"], seconds["bf16"]
 
 

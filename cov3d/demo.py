@@ -15,13 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cov3d.atomic import write_text
+from cov3d.atomic import check_writable, write_text
 from cov3d.models.checkpoint import LAST
 from cov3d.errors import Cov3dError
 from cov3d.inference.evaluate import Evaluation, evaluate, write_outputs
 from cov3d.inference.predict import find_inputs, load_ensemble, predict_scans, prediction_rows, write_csv, write_submission
 from cov3d.data.preprocess import Size, preprocess_dataset, read_manifest
 from cov3d.data.synth import synthesize
+from cov3d.training.config import check_seed
 from cov3d.training.trainer import RECIPES, TrainConfig, TrainResult, train
 
 
@@ -82,6 +83,8 @@ def run_demo(
 ) -> DemoResult:
     """Run every step into `output`; `stage(name)` announces each step, `progress` counts within it."""
     output = Path(output)
+    check_seed(seed)
+    check_writable(output, folder=True)  # a file, or a read-only disk: one line, before anything is made
     settings = {"scans": scans, "epochs": epochs, "depth": depth, "width": width, "seed": seed}
     state = _resume_state(output, settings)
     announce = stage or (lambda name: None)

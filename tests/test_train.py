@@ -307,7 +307,7 @@ def test_resume_applies_more_epochs_and_refuses_conflicting_options(dataset, tmp
     interrupted_run(dataset, tmp_path)
     with pytest.raises(Cov3dError, match=r"whose --lambda is 0.1, not 0.5; leave --lambda out"):
         train(config(dataset, tmp_path, lam=0.5), resume=True, options={"lam"})
-    with pytest.raises(Cov3dError, match="has already trained 1 epochs; --epochs 0 cannot shorten it"):
+    with pytest.raises(Cov3dError, match="is a run of 2 epochs that has trained 1; --epochs 0 cannot shorten it"):
         train(config(dataset, tmp_path, epochs=0), resume=True, options={"epochs"})
     result = train(config(dataset, tmp_path, epochs=3, lr=1e-3), resume=True, options={"epochs", "lr"})
     assert result.epochs_done == 3  # --epochs 3 extended the 2-epoch run; --lr equal to the saved one is fine

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cov3d.cli.core import app, bar, console, reported
+from cov3d.training.config import MAX_SEED
 
 if TYPE_CHECKING:
     from cov3d.demo import DemoResult
@@ -20,7 +21,7 @@ def demo(
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 12,
     depth: Annotated[int, typer.Option(min=4, help="Preprocessed depth.")] = 16,
     width: Annotated[int, typer.Option(min=8, help="Preprocessed width = height.")] = 32,
-    seed: Annotated[int, typer.Option(help="Random seed for data and training.")] = 0,
+    seed: Annotated[int, typer.Option(help=f"Random seed for data and training, 0 to {MAX_SEED} (2^32 - 1).")] = 0,
 ) -> None:
     """Run the whole job offline on synthetic phantoms: synth, preprocess, train, evaluate, predict."""
     import time

@@ -52,3 +52,23 @@ ValidationSeverityOption = Annotated[Optional[Path], typer.Option(help="Severity
 WandbModeOption = Annotated[
     Optional[WandbMode], typer.Option(help="W&B mode (default: $WANDB_MODE, else online).")
 ]
+
+
+def scan_output_name(scan: Path) -> str:
+    """The name a scan's default outputs take: the whole folder or file name, a volume file's suffix dropped.
+
+    Kept whole, since scan folders are often named by DICOM UIDs: '1.2.840.113619.1' and '1.2.840.113619.2'
+    must not both become '1'. Only the suffix of a file cov3d reads is dropped ('chest.nii.gz' → 'chest').
+    """
+    name = scan.name or scan.resolve().name  # '.' or '..' is named after the folder it stands for
+    if scan.is_file():
+        lower = name.lower()
+        # cov3d.data.readers' volume and image suffixes, restated so that the CLI stays light; tests check them.
+        for suffix in SCAN_FILE_SUFFIXES:
+            if lower.endswith(suffix) and len(name) > len(suffix):
+                return name[: -len(suffix)]
+    return name or "scan"
+
+
+# Suffixes of files that are scans (cov3d.data.readers.VOLUME_SUFFIXES and SLICE_SUFFIXES).
+SCAN_FILE_SUFFIXES = (".nii.gz", ".nhdr", ".nrrd", ".jpeg", ".nii", ".mha", ".mhd", ".dcm", ".jpg", ".png")

@@ -24,7 +24,7 @@ from cov3d.cli.options import (
 )
 from cov3d.errors import Cov3dError
 from cov3d.models.registry import ARCHS, arch_help
-from cov3d.training.config import RECIPES, TrainConfig
+from cov3d.training.config import MAX_SEED, RECIPES, TrainConfig
 
 FIELDS = {f.name for f in fields(TrainConfig)}
 
@@ -114,7 +114,7 @@ Crop = Annotated[
 Slices = Annotated[
     int, typer.Option(min=0, help="2D slice models: train on this many random slices per scan a step (0: all).")
 ]
-Seed = Annotated[int, typer.Option(help="Random seed.")]
+Seed = Annotated[int, typer.Option(help=f"Random seed, 0 to {MAX_SEED} (2^32 - 1).")]
 PrecisionOption = Annotated[
     Precision, typer.Option(help="auto: fp16 mixed precision on CUDA, fp32 on CPU; or fp32, bf16 (slow where the CPU "
                             "has no native bf16), fp16.")
@@ -129,8 +129,14 @@ SyncBn = Annotated[
                                       "(SyncBatchNorm) instead of each process's batch (default: on for "
                                       "distributed GPU runs, off otherwise).")
 ]
-LoaderWorkers = Annotated[Optional[int], typer.Option(min=0, help="Data loader processes (default: up to 4).")]
+LoaderWorkers = Annotated[
+    Optional[int], typer.Option(min=0, help="Data loader processes, at most the CPU cores (default: up to 4).")
+]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --output.")]
+Restart = Annotated[
+    bool, typer.Option("--restart", help="Start the run in --output afresh, replacing its checkpoints and history "
+                                         "(for a run whose last.pt is damaged and cannot be resumed).")
+]
 Wandb = Annotated[bool, typer.Option("--wandb/--no-wandb", help="Log to Weights & Biases.")]
 WandbProject = Annotated[str, typer.Option(help="W&B project.")]
 WandbEntity = Annotated[Optional[str], typer.Option(help="W&B entity (user or team).")]
@@ -173,18 +179,43 @@ def train(
     train_severity: TrainSeverityOption = DEFAULTS["train_severity"],
     validation_severity: ValidationSeverityOption = DEFAULTS["validation_severity"],
     resume: Resume = False,
+    restart: Restart = False,
     wandb: Wandb = DEFAULTS["wandb"],
     wandb_project: WandbProject = DEFAULTS["wandb_project"],
     wandb_entity: WandbEntity = DEFAULTS["wandb_entity"],
     wandb_mode: WandbModeOption = DEFAULTS["wandb_mode"],
+    folds: Annotated[
+        Optional[int], typer.Option(min=2, help="Cross-validation: pool the labelled scans, deal K folds stratified "
+                                                "by presence and severity (and --cv-group-by), train each into "
+                                                "OUTPUT/fold-I/, then write out-of-fold predictions and a summary "
+                                                "(docs/research.md). Folds already trained are skipped, "
+                                                "interrupted ones resumed.")
+    ] = None,
+    fold: Annotated[
+        Optional[int], typer.Option(min=0, help="With --folds: train only fold I (0…K-1), e.g. one per machine; "
+                                                "the summary is written once every fold has trained.")
+    ] = None,
+    cv_pool: Annotated[
+        str, typer.Option(help="With --folds: the splits pooled into folds, train+validation or train.")
+    ] = "train+validation",
+    cv_groups: Annotated[
+        Optional[Path], typer.Option(help="With --folds: a groups CSV (a 'scan' column) to stratify folds by.")
+    ] = None,
+    cv_group_by: Annotated[Optional[str], typer.Option(help="With --folds: the --cv-groups column.")] = None,
 ) -> None:
     """Train a model on presence and severity with the combined loss; keep the best weights per task."""
     from cov3d.training.trainer import train as run_training
 
-    with reported("run the same command with --output RUN --resume to continue"):
+    with reported("run the same command with --output RUN --resume to continue (a run stopped in its first "
+                  "epoch has no last.pt yet: run it again without --resume)"):
         config = train_config(ctx)  # from the options above, which ctx.params holds by name
+        if folds is not None or fold is not None:
+            from cov3d.cli.research import cross_validate
+
+            cross_validate(config, folds, fold, cv_pool, cv_groups, cv_group_by, _training_progress)
+            return
         with _training_progress() as callbacks:
-            result = run_training(config, resume=resume, options=_given(ctx), **callbacks)
+            result = run_training(config, resume=resume, restart=restart, options=_given(ctx), **callbacks)
         if not result.main:  # rank 0 of a distributed run reports
             return
         best = ", ".join(f"{name} {score:.4f}" for name, score in result.best.items() if score > float("-inf"))
@@ -202,6 +233,8 @@ def train_config(ctx: typer.Context) -> TrainConfig:
     values = {name: _plain(value) for name, value in ctx.params.items() if name in FIELDS and value is not None}
     if ctx.params["resume"] and "output" not in values:
         raise Cov3dError("--resume needs --output RUN, the run directory to continue")
+    if ctx.params.get("restart") and ctx.params["resume"]:
+        raise Cov3dError("--resume continues the run in --output and --restart replaces it; give one of them")
     # Under a W&B sweep agent each trial gets its own directory, named after its W&B run.
     sweep_run = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
     stamp = time.strftime("%Y%m%d-%H%M%S") + (f"-{sweep_run}" if sweep_run else "")

@@ -11,8 +11,9 @@ Slices are written in the lung window as numbered 8-bit JPEGs, like the data set
 
 from __future__ import annotations
 
-import logging
 import itertools
+import logging
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cov3d.atomic import write_text
+from cov3d.atomic import check_writable, write_text
 from cov3d.data.catalog import SEVERITY_FILES
 from cov3d.errors import Cov3dError
 from cov3d.data.readers import DEFAULT_WINDOW
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 # Share of lung volume affected, by severity (mild, moderate, severe, critical): disjoint ranges.
 LESION_FRACTION = {1: (0.03, 0.08), 2: (0.11, 0.18), 3: (0.22, 0.32), 4: (0.38, 0.50)}
 AIR, LUNG, GROUND_GLASS, CONSOLIDATION, FAT, SOFT_TISSUE, BONE = -1000, -860, -560, -60, -100, 40, 700
+# Seeds 0 … 2**32 - 1, the range of training's --seed (cov3d.training.config.MAX_SEED, a later stage), so that
+# the demo's one seed serves both.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -176,6 +180,8 @@ def phantoms(scans: int = 160, seed: int = 0, width: int = 128) -> Iterator[tupl
         raise Cov3dError(f"--scans {scans} is too few; at least 10 give every split both classes")
     if width < 32:
         raise Cov3dError(f"--width {width} is too small for a phantom; use 32 or more")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise Cov3dError(f"--seed {seed} is outside 0 … {MAX_SEED} (2^32 - 1); give a whole number in that range")
     rng = np.random.default_rng(seed)
     n_test = max(2, scans // 10)
     n_valid = max(4, scans // 5)
@@ -206,8 +212,9 @@ def synthesize(root: Path, scans: int = 160, seed: int = 0, width: int = 128,
     """
     root = Path(root)
     made: list[SynthScan] = []
-    generated = phantoms(scans, seed, width)  # checks the arguments before anything is written
-    first = next(generated)
+    check_writable(root, folder=True)  # a file, or a read-only disk: one line, before any phantom is made
+    generated = phantoms(scans, seed, width)
+    first = next(generated)  # checks the arguments before anything is written
     if root.exists() and any(root.iterdir()):
         raise Cov3dError(f"'{root}' is not empty; choose a new folder for the synthetic data set")
     for entry, phantom in itertools.chain([first], generated):

@@ -13,9 +13,15 @@ The class scores are logits: for presence, the logit of P(covid) as cov3d
 computes it (the presence output, or for λ = 1 the log-odds of the four covid
 severity classes); for severity, the logit of the severity class that the
 ensemble predicts. 3D models give one map over the stage's (d, h, w) grid. The
-2D slice models give one map per slice, from the gradient of the scan's score
-(the mean of its slices' probabilities) over that slice's feature map, so a
-slice that counts for more in the scan's decision gets more weight.
+2D slice models give one map per slice, from the gradient over that slice's
+feature map of the mean over the slices of each slice's own score (its
+presence log-odds, or its logit of the severity class). The scan's probability
+is the mean of its slices' probabilities, but its logit, log(mean p) −
+log(mean (1 − p)), is not a target to differentiate: a slice's gradient there
+carries a factor p(1 − p), so the slices the model is surest about (p = 0.999)
+would get a small fraction of the map of a borderline one (p = 0.5). The mean of
+the slice logits gives each slice its own evidence, undamped: a slice that counts
+for more in the decision gets more of the map.
 
 Each map is upsampled to the model's preprocessed volume (trilinear), and then
 mapped back onto the scan's original slices: linearly along depth, end slice to
@@ -47,6 +53,7 @@ from cov3d.labels import NON_COVID
 from cov3d.training.loss import probabilities
 from cov3d.inference.predict import Member, Steps
 from cov3d.models.registry import ARCH_ATTRIBUTE, STAGES, get_arch
+from cov3d.models.slices import SliceNet, slice_mean_logits
 from cov3d.data.preprocess import preprocess_volume
 
 log = logging.getLogger(__name__)
@@ -100,9 +107,11 @@ def grad_cam(model: nn.Module, volumes: torch.Tensor, score: Callable[[torch.Ten
              stage: int = STAGES) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM of (B, 1, D, H, W) volumes: (B, D, H, W) non-negative maps and the (B, 6) logits.
 
-    `score(logits)` gives one score per volume; each volume's map comes from the
-    gradient of its own score (in evaluation mode the volumes of a batch do not
-    interact).
+    `score(logits)` gives one score per row of logits; each volume's map comes
+    from the gradient of its own score (in evaluation mode the volumes of a batch
+    do not interact). For a 2D slice model the target is the mean over the
+    slices of `score` of each slice's logits (see the module's docstring); the
+    logits returned are the scan's all the same.
     """
     modules = stage_modules(model, stage)
     activations: list[torch.Tensor] = []
@@ -110,8 +119,16 @@ def grad_cam(model: nn.Module, volumes: torch.Tensor, score: Callable[[torch.Ten
     try:
         with torch.enable_grad():
             # An input that needs gradients keeps a graph even if the weights were frozen.
-            logits = model(volumes.detach().requires_grad_(True)).float()
-            gradients = torch.autograd.grad(score(logits).sum(), activations)
+            inputs = volumes.detach().requires_grad_(True)
+            if isinstance(model, SliceNet):
+                per_slice = model.slice_logits(inputs).float()  # (B, S, 6)
+                batch, slices, outputs = per_slice.shape
+                target = score(per_slice.reshape(batch * slices, outputs)).view(batch, slices).mean(dim=1)
+                logits = slice_mean_logits(per_slice)  # what the model answers in evaluation
+            else:
+                logits = model(inputs).float()
+                target = score(logits)
+            gradients = torch.autograd.grad(target.sum(), activations)
     finally:
         for hook in hooks:
             hook.remove()
@@ -200,7 +217,13 @@ class _Inputs:
         key = (member.size, member.window)
         if key not in self.cache:
             tensor, _ = preprocess_volume(self.path, member.size, member.window)
-            self.cache[key] = tensor.float()
+            tensor = tensor.float()
+            bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+            if bad:  # the scan's fault, not the model's: said before any map is computed
+                raise Cov3dError(f"scan '{self.path}' holds NaN or infinite values ({bad} of the {tensor.numel()} "
+                                 "values of its preprocessed volume), so it cannot be explained; fix or re-export "
+                                 "the scan")
+            self.cache[key] = tensor
         return self.cache[key]
 
 

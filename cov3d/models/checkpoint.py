@@ -54,8 +54,21 @@ def plain(value):
     return value
 
 
+def nonfinite(state: dict) -> str | None:
+    """The name of the first floating-point tensor of a state dict holding NaN or inf; None when all are finite."""
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, config: dict, **extra) -> None:
-    save_torch(plain({"model": model.state_dict(), "config": config, **extra}), path)
+    """Write a checkpoint whole (or not at all); weights with NaN or inf are never written."""
+    state = model.state_dict()
+    bad = nonfinite(state)
+    if bad is not None:
+        raise Cov3dError(f"not saving '{path}': the weights hold NaN or inf (first in '{bad}')")
+    save_torch(plain({"model": state, "config": config, **extra}), path)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -63,10 +76,31 @@ def load_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a wrong or damaged file of any kind
-        raise Cov3dError(f"'{path}' is not a cov3d checkpoint ({type(error).__name__})") from None
+        raise Cov3dError(f"'{path}' is not a cov3d checkpoint ({_load_failure(path, error)})") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise Cov3dError(f"'{path}' is not a cov3d checkpoint (no model and config inside)")
     return checkpoint
+
+
+def _load_failure(path: Path, error: Exception) -> str:
+    """Why torch could not load `path`: an empty or cut-off file said so, else the exception's type."""
+    try:
+        size = Path(path).stat().st_size
+    except OSError:
+        return type(error).__name__
+    if size == 0:
+        return "the file is empty"
+    if isinstance(error, RuntimeError) and ("central directory" in str(error) or "zip archive" in str(error)):
+        return f"the file is cut off or damaged at {size} bytes"
+    return type(error).__name__
+
+
+def check_finite(checkpoint: dict, path: Path) -> None:
+    """Refuse a checkpoint whose weights hold NaN or inf (a run whose training diverged), naming the file."""
+    bad = nonfinite(checkpoint["model"]) if isinstance(checkpoint.get("model"), dict) else None
+    if bad is not None:
+        raise Cov3dError(f"'{path}' holds weights that are NaN or inf (first in '{bad}'): its training diverged, "
+                         "and it cannot predict; use another checkpoint, or train again with a lower --lr")
 
 
 def _is_number(value) -> bool:
@@ -111,6 +145,7 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
     """The network of a checkpoint, in eval mode, and its model config (format 1 and 2)."""
     checkpoint = load_checkpoint(path)
     config = checked_config(checkpoint["config"], path)
+    check_finite(checkpoint, path)
     model = build_model(config["arch"], pretrained=False, penultimate=int(config["penultimate"]),
                         dropout=float(config["dropout"]), pool=str(config["pool"]),
                         final_bias=bool(config["final_bias"]))

@@ -292,3 +292,38 @@ def memory_format(arch: str):
     import torch
 
     return torch.channels_last_3d if get_arch(arch).input == VOLUME else torch.channels_last
+
+
+def check_trainable(arch: str, depth: int, width: int, batch_size: int, *, slices: int = 0,
+                    **options) -> None:
+    """Refuse an input size or batch size that `arch` cannot train on, before any data is read.
+
+    Builds the network on torch's meta device (shapes only: no memory, no
+    arithmetic, a fraction of a second) and runs one training-mode forward pass
+    of a (batch_size, 1, depth, width, width) batch. BatchNorm in training needs
+    more than one value per channel, so a batch of 1 fails where the last stage
+    sees one voxel per scan; a network that cannot take the size at all fails
+    too. Operations the meta device lacks (a custom builder's) skip the check.
+    """
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(arch, pretrained=False, slices=slices, **options)
+        batch = torch.zeros(batch_size, 1, depth, width, width)
+    model.train()
+    shape = f"{depth}x{width}x{width}"
+    try:
+        model(batch)
+    except NotImplementedError:  # an operation without a meta kernel: the first real step will tell
+        return
+    except ValueError as error:
+        if "more than 1 value per channel" not in str(error):
+            raise
+        more = " (or more --slices)" if get_arch(arch).input == SLICES and slices else ""
+        raise Cov3dError(f"--batch-size {batch_size} is too small for --arch {arch} at {shape}: in training, "
+                         "BatchNorm needs more than one value per channel, and this batch gives its last stage "
+                         f"only one; use --batch-size 2 or more{more}, or a larger --depth and --width") from None
+    except RuntimeError as error:
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise Cov3dError(f"--arch {arch} cannot take {shape} inputs ({detail}); choose another --width or "
+                         "--depth, or another --arch") from None

@@ -65,14 +65,23 @@ class SliceNet(nn.Module):
             flat = flat.contiguous(memory_format=torch.channels_last)  # the caller asked for the fast layout
         return self.head(self.pool(self.backbone(flat))).view(batch, slices, -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return slice_mean_logits(self.slice_logits(x))
+    def sample_slices(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) → (B, C, K, H, W): `slices` = K random slices of each scan (all when 0 or ≥ D)."""
         depth = x.shape[2]
         if 0 < self.slices < depth:  # K random slices of each scan bound the cost of a step
             chosen = torch.rand(x.shape[0], depth, device=x.device).argsort(dim=1)[:, : self.slices]
             x = x.transpose(1, 2)[torch.arange(x.shape[0], device=x.device)[:, None], chosen].transpose(1, 2)
-        return self.slice_logits(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return slice_mean_logits(self.slice_logits(x))
+        return self.slice_logits(self.sample_slices(x))
+
+    def batchnorm_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward pass that precise BatchNorm measures: the slices a training step sees (`sample_slices`),
+        so that its memory, like a step's, is bounded by `slices`."""
+        return self.slice_logits(self.sample_slices(x))
 
 
 def _resnet_features(builder, state: dict | None, name: str) -> tuple[nn.Module, int]:
@@ -101,7 +110,12 @@ def _densenet_features(state: dict | None) -> tuple[nn.Module, int]:
 
 class ResDense(nn.Module):
     """Res-Dense Net (seed 000): ResNet101 and DenseNet121 feature maps, each projected by a 1×1 convolution
-    to the same channels, then added."""
+    to the same channels, then added.
+
+    The two maps have the same size where the slice width is a multiple of 32. Otherwise they differ by a
+    pixel (ResNet's strided convolutions round up, DenseNet's average pools round down: 4×4 and 3×3 at
+    width 100), and the larger is average-pooled to the smaller before the sum, so any width works.
+    """
 
     def __init__(self, resnet: nn.Module, resnet_features: int, densenet: nn.Module, densenet_features: int,
                  channels: int):
@@ -111,7 +125,13 @@ class ResDense(nn.Module):
         self.densenet_projection = nn.Conv2d(densenet_features, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resnet_projection(self.resnet(x)) + self.densenet_projection(self.densenet(x))
+        resnet = self.resnet_projection(self.resnet(x))
+        densenet = self.densenet_projection(self.densenet(x))
+        if resnet.shape[-2:] != densenet.shape[-2:]:
+            size = tuple(min(a, b) for a, b in zip(resnet.shape[-2:], densenet.shape[-2:]))
+            resnet, densenet = (F.adaptive_avg_pool2d(m, size) if m.shape[-2:] != size else m
+                                for m in (resnet, densenet))
+        return resnet + densenet
 
 
 RES_DENSE_CHANNELS = 1024  # DenseNet121's own feature width

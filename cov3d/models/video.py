@@ -76,7 +76,9 @@ def precise_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
 
     The statistics become the plain mean over the batches of each batch's
     statistics, with BatchNorm in training mode and every other layer (dropout)
-    as in evaluation; no gradients. The model is left in evaluation mode.
+    as in evaluation; no gradients. The model is left in evaluation mode. A
+    model with a `batchnorm_forward` (a 2D slice model: the slices a training
+    step samples) is measured through it, its plain forward otherwise.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     model.eval()
@@ -88,10 +90,11 @@ def precise_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
         m.momentum = None  # a cumulative average
         m.train()
     count = 0
+    forward = getattr(model, "batchnorm_forward", model)
     try:
         with torch.no_grad():
             for batch in batches:
-                model(batch)
+                forward(batch)
                 count += 1
     finally:
         for m, momentum in zip(norms, momenta):

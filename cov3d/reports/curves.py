@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from cov3d.errors import Cov3dError
-from cov3d.reports.figures import pyplot, save
+from cov3d.reports.figures import image_format, pyplot, save
 
 
 def _column(rows: list[dict], key: str) -> list[float]:
@@ -21,16 +21,37 @@ def _column(rows: list[dict], key: str) -> list[float]:
 
 
 def read_history(path: Path) -> list[dict]:
-    """The rows of a run's history.csv; none when it does not exist yet."""
+    """The rows of a run's history.csv; none when it does not exist yet.
+
+    A damaged file (not text, no epoch column, an epoch that is not a whole
+    number) is a Cov3dError naming it, not a traceback.
+    """
     if not Path(path).is_file():
         return []
-    with Path(path).open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    try:
+        with Path(path).open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise _damaged(path, f"not a CSV text file: {type(error).__name__}") from None
+    if rows and "epoch" not in rows[0]:
+        raise _damaged(path, "its header has no 'epoch' column")
+    for line, row in enumerate(rows, start=2):
+        try:
+            int(row["epoch"])
+        except (TypeError, ValueError):
+            raise _damaged(path, f"line {line}: epoch {row['epoch']!r} is not a whole number") from None
+    return rows
+
+
+def _damaged(path: Path, why: str) -> Cov3dError:
+    return Cov3dError(f"'{path}' is damaged ({why}); a training run writes it, one row per epoch: restore it "
+                      "from a copy, or delete it to draw no curves (a resumed run starts a new one)")
 
 
 def plot_history(history: Path, image: Path) -> Path:
     """Draw losses, presence and severity F1, and the learning rate per epoch; write `image` atomically."""
     plt = pyplot()
+    image_format(image)  # a suffix it cannot write is refused before any work
     if not Path(history).is_file():
         raise Cov3dError(f"'{history}' does not exist; a run directory has one after its first epoch")
     rows = read_history(history)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cov3d.atomic import write_text
+from cov3d.atomic import replacing_folder, write_failed, write_text
+from cov3d.errors import Cov3dError
 from cov3d.data.writers import write_volume
 from cov3d.labels import SEVERITY_NAMES
 from cov3d.reports.figures import pyplot, save
@@ -118,6 +120,12 @@ def _overlay(ax, plane: np.ndarray, heat: np.ndarray, top: float, aspect: float)
     ax.axis("off")
 
 
+# The files of an explanation set: those of each task, the scan's slices, the summary.
+TASK_FILES = ("{task}.nii.gz", "{task}.png", "{task}-montage.png")
+SET_FILES = frozenset([name.format(task=task) for task in ("presence", "severity") for name in TASK_FILES]
+                      + ["scan.nii.gz", "explain.json"])
+
+
 def write_explanation(explanation: Explanation, output: Path) -> list[Path]:
     """Pictures, NIfTI maps and explain.json for each task into `output`; returns the files written.
 
@@ -125,9 +133,51 @@ def write_explanation(explanation: Explanation, output: Path) -> list[Path]:
     (the most attended axial slices) and `<task>.nii.gz` (the map on the original
     slices, with the scan's geometry). A scan without geometry (JPEG/PNG slices)
     gets its slices written too, as `scan.nii.gz` on the same grid, to lay the map over.
+
+    The set is whole or absent: it is written into a temporary folder beside
+    `output`, which then takes the place of `output` in one step, so a failed
+    or killed explain leaves the previous set as it was, never a mix of the
+    two. Other files in `output` (not an explanation's) are carried over.
     """
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    if Path.cwd().resolve().is_relative_to(output.resolve()):
+        raise Cov3dError(f"cannot write the explanation into '{output}': it is the current folder or holds it; "
+                         "give a folder below it, e.g. --output explain")
+    try:
+        with replacing_folder(output, keep=lambda name: name not in SET_FILES) as folder:
+            names = _write_set(explanation, folder)
+            _check_volumes(folder, names)
+    except OSError as error:  # a full disk: name the file the set was writing, in its final place
+        name = Path(error.filename).name if getattr(error, "filename", None) else ""
+        target = output / name if name in SET_FILES else output
+        named = write_failed(OSError(error.errno, error.strerror or str(error)), target)  # not the temporary path
+        raise Cov3dError(f"{named}; '{output}' keeps its previous files") from None
+    return [output / name for name in names]
+
+
+def _check_volumes(folder: Path, names: list[str]) -> None:
+    """An OSError unless every NIfTI file of the new set is whole.
+
+    ITK reports no error when a disk fills under it: it leaves a cut-off file
+    (and prints "wrote only 0 of … bytes"). Such a set is not swapped in.
+    """
+    import errno
+    import shutil
+
+    from cov3d.data.integrity import check_nifti_complete
+
+    for name in names:
+        if name.endswith(".nii.gz"):
+            try:
+                check_nifti_complete(folder / name)
+            except Cov3dError:
+                full = shutil.disk_usage(folder).free < 1 << 20
+                code = errno.ENOSPC if full else errno.EIO
+                raise OSError(code, os.strerror(code), str(folder / name)) from None
+
+
+def _write_set(explanation: Explanation, output: Path) -> list[str]:
+    """Write the files of an explanation into the (new, empty) folder `output`; their names."""
     written: list[Path] = []
     summary: dict = {"scan": str(explanation.path), "probability": explanation.probability,
                      "severity": explanation.severity_name,
@@ -145,4 +195,4 @@ def write_explanation(explanation: Explanation, output: Path) -> list[Path]:
         written.append(write_volume(output / "scan.nii.gz", grey, explanation.meta))
     written.append(output / "explain.json")
     write_text(output / "explain.json", json.dumps(summary, indent=2) + "\n")
-    return written
+    return [path.name for path in written]

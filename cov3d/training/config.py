@@ -6,11 +6,20 @@ Neither fastai nor torch at import: the command line takes its option defaults f
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import logging
+import math
+import numbers
+import os
+from dataclasses import asdict, dataclass, field, fields
 
 from cov3d.errors import Cov3dError
 from cov3d.models.defaults import DROPOUT, PENULTIMATE
 from cov3d.models.registry import SLICES, get_arch, resolve_pretrained
+
+log = logging.getLogger(__name__)
+
+# Seeds go to NumPy's legacy seeding (np.random.seed), which takes 0 … 2**32 - 1.
+MAX_SEED = 2**32 - 1
 
 # Options a run takes from its recipe unless given. Fine-tuning pretrained weights: the paper's values
 # (§3.4-3.5). From scratch (no pretrained weights, or none exist): measured on the demo's phantoms, see
@@ -26,6 +35,30 @@ def _lung_window() -> tuple[float, float]:
     from cov3d.data.readers import DEFAULT_WINDOW
 
     return DEFAULT_WINDOW
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """`seed` if it is a whole number in 0 … 2**32 - 1 (what NumPy's seeding takes), else a Cov3dError."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise Cov3dError(f"{option} {seed} is outside 0 … {MAX_SEED} (2^32 - 1); give a whole number in that range")
+    return seed
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system tells it, else all)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cap_workers(workers: int, option: str) -> int:
+    """`workers` processes, but no more than the cores (with a warning): more only add memory and switching."""
+    cores = available_cores()
+    if workers > cores:
+        log.warning("%s %d is more than the %d CPU core(s) here; using %d", option, workers, cores, cores)
+        return cores
+    return workers
 
 
 @dataclass
@@ -114,11 +147,16 @@ class TrainConfig:
         from cov3d.models.video import POOLS
         from cov3d.training.loss import SEVERITY_WEIGHTINGS
         from cov3d.training.precision import PRECISIONS
+        from cov3d.data.readers import parse_window
 
         spec = get_arch(self.arch)
         missing = [name for name in RECIPES["scratch"] if getattr(self, name) is None]
         if missing:
             raise Cov3dError(f"{', '.join(missing)} not set; call TrainConfig.with_recipe() first")
+        for f in fields(self):  # NaN passes every comparison below: refuse it (and inf) first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise Cov3dError(f"{_option(f.name)} {value} is not a finite number")
         if not 0.0 <= self.lam <= 1.0:
             raise Cov3dError(f"--lambda {self.lam} is outside [0, 1]; 0 trains presence only, 1 severity only")
         for name in ("presence_smoothing", "severity_smoothing", "dropout"):
@@ -129,6 +167,12 @@ class TrainConfig:
             raise Cov3dError(f"--epochs {self.epochs} and --batch-size {self.batch_size} must be at least 1")
         if self.lr <= 0:
             raise Cov3dError(f"--lr {self.lr} must be positive")
+        if self.weight_decay < 0:
+            raise Cov3dError(f"--weight-decay {self.weight_decay} must be 0 (none) or more")
+        check_seed(self.seed)
+        if self.loader_workers is not None and self.loader_workers < 0:
+            raise Cov3dError(f"--loader-workers {self.loader_workers} must be 0 (load in the main process) or more")
+        self.window = parse_window(self.window)
         if self.precision not in PRECISIONS:
             raise Cov3dError(f"--precision {self.precision} is not one of {', '.join(PRECISIONS)}")
         if self.pool not in POOLS:
@@ -145,4 +189,24 @@ class TrainConfig:
         if self.slices and spec.input != SLICES:
             raise Cov3dError(f"--slices applies to 2D slice models only, not --arch {self.arch}; leave it out")
         resolve_pretrained(self.arch, self.pretrained, len(self.weights))
+        self.check_shapes()
+
+    def check_shapes(self) -> None:
+        """Refuse, before any preprocessing, a network that cannot train on this run's input size and batch.
+
+        One training step's forward pass on the meta device (no memory, no arithmetic): BatchNorm needs
+        more than one value per channel (a batch of 1 fails where the last stage's map is one voxel), and
+        every architecture must take the size.
+        """
+        from cov3d.data.preprocess import resolve_size
+        from cov3d.models.registry import check_trainable
+
+        size = resolve_size(self.size, self.depth, self.width)
+        check_trainable(self.arch, size.depth, size.width, self.batch_size, slices=self.slices,
+                        penultimate=self.penultimate, pool=self.pool, final_bias=self.final_bias)
+
+
+def _option(name: str) -> str:
+    """The command-line option of a TrainConfig field: `lam` is --lambda, `batch_size` --batch-size."""
+    return "--lambda" if name == "lam" else "--" + name.replace("_", "-")
 

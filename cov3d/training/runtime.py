@@ -14,10 +14,13 @@ from cov3d.errors import Cov3dError
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
+    """Seed Python, NumPy and torch (all devices).
+
+    NumPy's seeding takes 0 … 2**32 - 1: a seed derived from one (the seed plus a rank) wraps around.
+    """
     random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed % 2**64)
 
 
 def resolve_device(name: str) -> torch.device:

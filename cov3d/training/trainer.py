@@ -26,17 +26,19 @@ from fastcore.foundation import L
 
 from cov3d.training import distributed
 from cov3d.models.registry import build_model, get_arch, memory_format, resolve_pretrained
-from cov3d.atomic import remove_stale_temporaries, write_csv, write_text
+from cov3d.atomic import check_writable, remove_stale_temporaries, write_csv, write_text
 from cov3d.training.callbacks import (
     HISTORY_COLUMNS, AverageBatchNorm, AverageLoss, Autocast, BatchProgress, BestCheckpoint, Callback, ChannelsLast,
     DataParallel, EpochReport, History, HistoryPlot, LastCheckpoint, PreciseBatchNorm, RestoreState, RunState,
-    StopOnNaN, Timing, Tracking, ValidationScores, order_violations,
+    StopOnNaN, StopOnNonFiniteWeights, Timing, Tracking, ValidationScores, order_violations,
 )
-from cov3d.models.checkpoint import CONFIG, HISTORY, HISTORY_PLOT, LAST, PRESENCE, SEVERITY, load_checkpoint, model_config
+from cov3d.models.checkpoint import (
+    CONFIG, HISTORY, HISTORY_PLOT, LAST, PRESENCE, SEVERITY, load_checkpoint, model_config, nonfinite,
+)
 from cov3d.reports.curves import read_history
 from cov3d.data.dataset import Splits, load_splits
 from cov3d.errors import Cov3dError
-from cov3d.training.config import RECIPES, TrainConfig  # noqa: F401  (RECIPES: re-exported for callers)
+from cov3d.training.config import RECIPES, TrainConfig, cap_workers  # noqa: F401  (RECIPES: re-exported)
 from cov3d.training.loss import Cov3dLoss
 from cov3d.training.precision import resolve_precision
 from cov3d.data.preprocess import preprocess_dataset, resolve_size
@@ -57,7 +59,7 @@ class TrainResult:
 def train(config: TrainConfig, resume: bool = False, on_epoch: Callable[[dict], None] | None = None,
           on_preprocess: Callable[[int, int], None] | None = None,
           on_batch: Callable[[str | None, int, int], None] | None = None,
-          options: Collection[str] = (), cbs: Collection[Callback] = ()) -> TrainResult:
+          options: Collection[str] = (), cbs: Collection[Callback] = (), restart: bool = False) -> TrainResult:
     """Train a cov3d model as configured; write the run directory; return the best scores.
 
     `on_epoch(row)` is called with each epoch's history row (its "epochs" is the
@@ -68,7 +70,11 @@ def train(config: TrainConfig, resume: bool = False, on_epoch: Callable[[dict], 
     extra fastai callbacks for the Learner; they may read the run's shared
     state, `learn.run_state` (:class:`cov3d.training.callbacks.RunState`), and
     declare `run_after`/`run_before`, which are checked against their `order`.
+    `restart` starts the run in `config.output` afresh, deleting what it holds
+    (for a damaged last.pt that cannot be resumed).
     """
+    if resume and restart:
+        raise Cov3dError("--resume continues the run in --output and --restart replaces it; give one of them")
     launch = distributed.launch_from_environment()
     if launch.distributed:
         distributed.start(launch, config.device)
@@ -76,11 +82,11 @@ def train(config: TrainConfig, resume: bool = False, on_epoch: Callable[[dict], 
         on_epoch = on_batch = on_preprocess = None
     try:
         run = Path(config.output)
+        check_writable(run, folder=True)  # a file, or a read-only disk: said now, not after preprocessing
         if run.is_dir() and launch.rank == 0:
             remove_stale_temporaries(run)
         previous = _interrupted_run(run) if resume else None
-        config = _resumed_config(run, config, previous, options) if resume else _new_run(run, config)
-        config.validate()
+        config = _resumed_config(run, config, previous, options) if resume else _new_run(run, config, restart)
         seed_everything(config.seed)
         splits = prepare_data(config, on_preprocess)
         model = make_model(config, resume)
@@ -117,7 +123,10 @@ def prepare_data(config: TrainConfig, on_preprocess: Callable[[int, int], None] 
         raise Cov3dError(f"the training split has {len(splits.train)} scans{each}, too few for --batch-size "
                          f"{config.batch_size} (per process); give a --batch-size of at most "
                          f"{max(1, len(splits.train) // world)}")
-    loader_workers = config.loader_workers if config.loader_workers is not None else min(4, os.cpu_count() or 1)
+    if config.loader_workers is not None:
+        loader_workers = cap_workers(config.loader_workers, "--loader-workers")
+    else:
+        loader_workers = min(4, os.cpu_count() or 1)
     config.resolved = {
         "depth": size.depth, "width": size.width, "size_name": size.name, "manifest": str(manifest),
         "input": get_arch(config.arch).input, "recipe": config.recipe,
@@ -203,7 +212,7 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
                      splits.severity_weights if config.severity_weights == "inverse" else None)
     learn = Learner(dls, model, loss_func=loss, opt_func=Adam, lr=config.lr, wd=config.weight_decay,
                     cbs=callbacks, path=run, model_dir=".")
-    learn.run_state = RunState(best_checkpoints=best)
+    learn.run_state = RunState(best_checkpoints=best, saved_epoch=int(previous["epoch"]) if previous else 0)
     if hasattr(learn, "progress"):  # fastai's console bar; progress goes through on_batch instead
         learn.remove_cb(learn.progress)
     if precision == "fp16":
@@ -241,7 +250,7 @@ def _callbacks(config: TrainConfig, run: Path, device: torch.device, checkpoint_
                on_batch: Callable[[str | None, int, int], None] | None) -> list[Callback]:
     """cov3d's callbacks for this run: one per job, those of files and reports on rank 0 only."""
     main, world = distributed.is_main(), distributed.world_size()
-    callbacks = [ValidationScores(config.lam), Timing(), StopOnNaN(), *best.values(),
+    callbacks = [ValidationScores(config.lam), Timing(), StopOnNaN(), StopOnNonFiniteWeights(), *best.values(),
                  LastCheckpoint(run / LAST, checkpoint_config)]
     if main:  # files of the run and reports: rank 0's job
         callbacks += [History(run / HISTORY), HistoryPlot(run / HISTORY, run / HISTORY_PLOT)]
@@ -328,9 +337,16 @@ def fit(learn: Learner, config: TrainConfig, run: Path, previous: dict | None = 
             with learn.no_logging():  # epochs are reported through on_epoch, not printed
                 learn.fit_one_cycle(config.epochs, lr_max=config.lr, wd=config.weight_decay,
                                     moms=(0.95, 0.85, 0.95), start_epoch=start_epoch)
+        if state.write_failure is not None:
+            raise Cov3dError(f"{state.write_failure}; training stopped. {_how_to_go_on(run, state.saved_epoch)}")
         if state.nan_epoch is not None:
             raise Cov3dError(f"the loss became NaN in epoch {state.nan_epoch}; training stopped. "
                              f"The best checkpoints so far are kept in {run}; try a lower --lr")
+        if state.nonfinite is not None:
+            epoch, name = state.nonfinite
+            raise Cov3dError(f"the weights became NaN or inf in epoch {epoch} (first in '{name}'); training stopped "
+                             f"before saving them. The checkpoints of earlier epochs are kept in {run}; try a "
+                             "lower --lr")
         if tracker:
             tracker.finish(state.best_scores())
     finally:
@@ -342,6 +358,14 @@ def fit(learn: Learner, config: TrainConfig, run: Path, previous: dict | None = 
     return TrainResult(run, state.best_scores(), len(history), history, main)
 
 
+def _how_to_go_on(run: Path, saved_epoch: int) -> str:
+    """Where a run stopped by a failed write can go on from, and how."""
+    if saved_epoch:
+        return (f"{run / LAST} holds epoch {saved_epoch}, and every checkpoint is whole: free some space, then "
+                f"continue with --output {run} --resume")
+    return "No epoch was saved yet: free some space, then run the same command again (without --resume)"
+
+
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
@@ -350,19 +374,27 @@ def _write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _new_run(run: Path, config: TrainConfig) -> TrainConfig:
-    if (run / LAST).exists():
-        raise Cov3dError(f"'{run}' already holds a training run; continue it with --resume, "
-                         "or choose another --output")
-    # Without last.pt a run cannot resume: one interrupted in its first epoch. A new run replaces it.
-    stale = [run / name for name in (PRESENCE, SEVERITY, HISTORY, HISTORY_PLOT) if (run / name).exists()]
-    if stale:
-        log.warning("%s holds a run interrupted before its first epoch ended; replacing it", run)
-        for path in stale if distributed.is_main() else ():
-            path.unlink()
+RUN_FILES = (LAST, PRESENCE, SEVERITY, HISTORY, HISTORY_PLOT)  # what a run writes as it trains (and config.json)
+
+
+def _new_run(run: Path, config: TrainConfig, restart: bool = False) -> TrainConfig:
+    if (run / LAST).exists() and not restart:
+        raise Cov3dError(f"'{run}' already holds a training run; continue it with --resume, start it afresh with "
+                         "--restart, or choose another --output")
     # Record the values actually used, not "the architecture's default" or "the recipe's".
     config.with_recipe()
     config.pretrained = resolve_pretrained(config.arch, config.pretrained, len(config.weights))
+    config.validate()  # before anything of an old run is deleted
+    # Without last.pt a run cannot resume: one interrupted in its first epoch. A new run replaces it; --restart
+    # replaces any run.
+    stale = [run / name for name in RUN_FILES if (run / name).exists()]
+    if stale:
+        if restart:
+            log.warning("--restart: replacing the run in %s", run)
+        else:
+            log.warning("%s holds a run interrupted before its first epoch ended; replacing it", run)
+        for path in stale if distributed.is_main() else ():
+            path.unlink()
     return config
 
 
@@ -375,10 +407,24 @@ def _option(name: str) -> str:
 
 
 def _interrupted_run(run: Path) -> dict:
-    """The last.pt of a run to resume; a directory without config.json and last.pt holds none."""
+    """The last.pt of a run to resume; a directory without config.json and last.pt holds none.
+
+    A damaged last.pt (empty or cut off by a crash or a full disk) or one whose weights are NaN cannot be
+    resumed; the error names the way out, --restart.
+    """
     if not (run / CONFIG).is_file() or not (run / LAST).is_file():
         raise Cov3dError(f"'{run}' holds no interrupted run to resume (config.json and last.pt are needed)")
-    return load_checkpoint(run / LAST)
+    way_out = (f"start the run afresh with --restart (which replaces what {run} holds), or train into another "
+               "--output")
+    try:
+        checkpoint = load_checkpoint(run / LAST)
+    except Cov3dError as error:
+        raise Cov3dError(f"{error}, so the run cannot be resumed from it; {way_out}") from None
+    bad = nonfinite(checkpoint["model"]) if isinstance(checkpoint["model"], dict) else None
+    if bad is not None:
+        raise Cov3dError(f"'{run / LAST}' holds weights that are NaN or inf (first in '{bad}'), so the run cannot "
+                         f"be resumed from it; {way_out}")
+    return checkpoint
 
 
 def _resumed_config(run: Path, given: TrainConfig, previous: dict, options: Collection[str] = ()) -> TrainConfig:
@@ -386,7 +432,8 @@ def _resumed_config(run: Path, given: TrainConfig, previous: dict, options: Coll
 
     `previous` is the run's last.pt. `options` names the fields the user set
     explicitly. Equal values are fine; a larger --epochs extends the run (the
-    one-cycle schedule is stretched to the new total); anything else that
+    one-cycle schedule is stretched to the new total); a smaller one is refused
+    (the schedule of the epochs done was the planned one); anything else that
     differs from the saved run is an error.
     """
     config = TrainConfig.from_json(json.loads((run / CONFIG).read_text(encoding="utf-8")))
@@ -395,17 +442,20 @@ def _resumed_config(run: Path, given: TrainConfig, previous: dict, options: Coll
         value, saved = getattr(given, name), getattr(config, name)
         if name in RESUMABLE or name == "output" or value == saved:
             continue
-        if name == "epochs" and value >= done:
+        if name == "epochs" and value > saved:
             log.warning("extending %s from %d to %d epochs: the one-cycle schedule is stretched to the new total",
                         run, saved, value)
             continue
         if name == "epochs":
-            raise Cov3dError(f"{run} has already trained {done} epochs; --epochs {value} cannot shorten it")
+            raise Cov3dError(f"{run} is a run of {saved} epochs that has trained {done}; --epochs {value} cannot "
+                             f"shorten it (its learning rate followed the {saved}-epoch schedule): leave --epochs "
+                             f"out to finish the {saved}, or give more than {saved} to extend it")
         raise Cov3dError(f"--resume continues the run saved in {run}, whose {_option(name)} is {saved}, not "
                          f"{value}; leave {_option(name)} out, or train a new run with another --output")
     for name in (*RESUMABLE, "epochs"):
         if name in options or name in ("device", "loader_workers", "wandb", "wandb_mode"):
             setattr(config, name, getattr(given, name))
+    config.validate()
     return config
 
 

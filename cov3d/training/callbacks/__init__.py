@@ -4,7 +4,7 @@ from fastai.callback.core import Callback, CancelFitException
 
 from cov3d.training.callbacks.batchnorm import AverageBatchNorm, PreciseBatchNorm
 from cov3d.training.callbacks.checkpointing import BestCheckpoint, LastCheckpoint, RestoreState, random_state
-from cov3d.training.callbacks.guards import StopOnNaN
+from cov3d.training.callbacks.guards import StopOnNaN, StopOnNonFiniteWeights
 from cov3d.training.callbacks.ordering import order_violations
 from cov3d.training.callbacks.parallel import AverageLoss, DataParallel
 from cov3d.training.callbacks.precision import Autocast, ChannelsLast
@@ -16,6 +16,7 @@ from cov3d.training.callbacks.tracking import Tracking
 __all__ = [
     "HISTORY_COLUMNS", "AverageBatchNorm", "AverageLoss", "Autocast", "BatchProgress", "BestCheckpoint", "Callback",
     "CancelFitException", "ChannelsLast", "DataParallel", "EpochReport", "History", "HistoryPlot",
-    "LastCheckpoint", "PreciseBatchNorm", "RestoreState", "RunState", "StopOnNaN", "Timing", "Tracking",
+    "LastCheckpoint", "PreciseBatchNorm", "RestoreState", "RunState", "StopOnNaN", "StopOnNonFiniteWeights",
+    "Timing", "Tracking",
     "ValidationScores", "order_violations", "random_state",
 ]

@@ -9,16 +9,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import Recorder
 
+from cov3d.atomic import write_failed
 from cov3d.models.checkpoint import save_checkpoint
 from cov3d.training import distributed
 from cov3d.training.callbacks.scores import ValidationScores
 from cov3d.training.runtime import seed_everything
 
 log = logging.getLogger(__name__)
+
+
+def stop_on_write_failure(learn, path: Path, error: OSError) -> None:
+    """Record why `path` could not be written (a full disk) in `run_state.write_failure` and stop the run.
+
+    What was written before stays whole (every write goes to a temporary file
+    first), and last.pt still holds the previous epoch, so the run can resume.
+    """
+    learn.run_state.write_failure = str(write_failed(error, path))
+    raise CancelFitException()
 
 
 class BestCheckpoint(Callback):
@@ -40,8 +51,11 @@ class BestCheckpoint(Callback):
             self.best = score  # every rank keeps the best, for its LastCheckpoint; rank 0 writes
             state.improved.add(self.metric)
             if distributed.is_main():
-                save_checkpoint(self.file, self.model, self.config, epoch=self.epoch + 1, metric=self.metric,
-                                score=score)
+                try:
+                    save_checkpoint(self.file, self.model, self.config, epoch=self.epoch + 1, metric=self.metric,
+                                    score=score)
+                except OSError as error:  # a full disk: the old file is whole, and last.pt is the last epoch's
+                    stop_on_write_failure(self.learn, self.file, error)
                 log.info("epoch %d: best %s %.4f, saved %s", self.epoch + 1, self.metric, score, self.file.name)
 
 
@@ -68,13 +82,17 @@ class LastCheckpoint(Callback):
         states = distributed.gather(random_state(self.dls.train))
         if not distributed.is_main():
             return
-        save_checkpoint(self.file, self.model, self.config, epoch=self.epoch + 1, optimizer=optimizer,
-                        best=state.best_scores(), rng=states[0],
-                        rng_ranks=states if len(states) > 1 else None,
-                        scaler=scaler.state_dict() if scaler is not None else None,
-                        # fastai's reported training loss is smoothed across epochs: its state goes on too.
-                        smooth_loss={"count": self.recorder.smooth_loss.count,
-                                     "value": self.recorder.smooth_loss.val})
+        try:
+            save_checkpoint(self.file, self.model, self.config, epoch=self.epoch + 1, optimizer=optimizer,
+                            best=state.best_scores(), rng=states[0],
+                            rng_ranks=states if len(states) > 1 else None,
+                            scaler=scaler.state_dict() if scaler is not None else None,
+                            # fastai's reported training loss is smoothed across epochs: its state goes on too.
+                            smooth_loss={"count": self.recorder.smooth_loss.count,
+                                         "value": self.recorder.smooth_loss.val})
+        except OSError as error:  # a full disk: the previous last.pt is whole
+            stop_on_write_failure(self.learn, self.file, error)
+        state.saved_epoch = self.epoch + 1
 
 
 def random_state(loader) -> dict:
@@ -111,7 +129,7 @@ class RestoreState(Callback):
             # shards differ anyway, and each rank's numbers are drawn afresh from the seed, rank and epoch.
             state = ranks[distributed.rank()] if len(ranks) == distributed.world_size() else None
             if state is None:
-                seed = self.seed * 1_000_003 + distributed.rank() * 1009 + int(self.checkpoint["epoch"])
+                seed = (self.seed * 1_000_003 + distributed.rank() * 1009 + int(self.checkpoint["epoch"])) % 2**32
                 seed_everything(seed)
                 self.dls.train.rng.seed(seed)
         if state:  # absent from runs of cov3d 0.1

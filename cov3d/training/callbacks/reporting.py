@@ -10,7 +10,7 @@ from pathlib import Path
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
 
-from cov3d.training.callbacks.checkpointing import LastCheckpoint
+from cov3d.training.callbacks.checkpointing import LastCheckpoint, stop_on_write_failure
 from cov3d.training.callbacks.scores import Timing, ValidationScores
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,14 @@ class History(Callback):
         new = not self.file.exists() or self.file.stat().st_size == 0
         # A resumed run appends under the header it began with (cov3d 0.2 had no valid_scans column).
         columns = self.columns if new else _header(self.file)
-        with self.file.open("a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        try:
+            with self.file.open("a", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+        except OSError as error:  # a full disk; on --resume the history is cut back to last.pt's epoch
+            stop_on_write_failure(self.learn, self.file, error)
         state.last_row = row
 
 

@@ -44,6 +44,17 @@ class RunState:
     # The 1-based epoch in which the training loss stopped being finite; None while it is finite. Written by
     # StopOnNaN; read by fit, which reports it.
     nan_epoch: int | None = None
+    # The 1-based epoch and the name of the first weight (or BatchNorm statistic) found NaN or inf; None while
+    # all are finite. Written by StopOnNonFiniteWeights (which stops the run before any checkpoint holds
+    # them); read by fit, which reports it.
+    nonfinite: tuple[int, str] | None = None
+    # Why a file of the run could not be written (a full disk: "cannot write 'RUN/last.pt': no space left on
+    # device"); None while every write succeeds. Written by BestCheckpoint, History and LastCheckpoint, which
+    # stop the run then; read by fit, which reports it with the way to go on.
+    write_failure: str | None = None
+    # The epoch that last.pt holds (0: none yet). Set by make_learner from a resumed run's last.pt and by
+    # LastCheckpoint after each write; read by fit, to say where a stopped run can resume from.
+    saved_epoch: int = 0
 
     def best_scores(self) -> dict[str, float]:
         """Each best checkpoint's best score so far, by metric."""

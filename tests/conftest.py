@@ -115,3 +115,40 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COV3D_CACHE", str(tmp_path / "default-cache"))
     monkeypatch.setenv("WANDB_MODE", "disabled")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def write_dicom_image(folder: Path, image, series: str = "1.2.826.0.1.3680043.2.1125.7", start: int = 1,
+                      names: str = "slice{:03d}.dcm", tags: dict[str, str] | None = None) -> Path:
+    """Write a 3D SimpleITK image of HU as a DICOM series in its own slice plane: one file per index k along z.
+
+    Each file carries the position of voxel (0, 0, k) and the direction of the image's first two index axes,
+    as a scanner writes a series acquired in that plane.
+    """
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetImageIO("GDCMImageIO")
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    orientation = "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1]))
+    array = sitk.GetArrayFromImage(image)
+    for k in range(image.GetSize()[2]):
+        plane = sitk.GetImageFromArray(np.asarray(array[k], dtype=np.int16))
+        plane.SetSpacing(image.GetSpacing()[:2])
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        values = {
+            "0008|0060": "CT",
+            "0020|000e": series,
+            "0020|0013": str(start + k),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0037": orientation,
+            "0028|1052": "-1024",
+            "0028|1053": "1",
+            **(tags or {}),
+        }
+        for key, value in values.items():
+            plane.SetMetaData(key, value)
+        writer.SetFileName(str(folder / names.format(start + k)))
+        writer.Execute(plane)
+    return folder

@@ -41,15 +41,15 @@ def test_other_files_are_ignored_with_a_warning(slice_scan, caplog):
     assert "notes.txt" in caplog.text
 
 
-def test_odd_sized_slices_are_resized_to_the_majority(tmp_path, caplog):
+def test_odd_sized_slices_are_left_out_naming_them(tmp_path, caplog):
     folder = write_slices(tmp_path / "scan", ramp_volume(depth=4, size=24))
     write_slices(tmp_path / "odd", np.full((1, 30, 40), 200, dtype=np.uint8))
     shutil.copy(tmp_path / "odd" / "0.jpg", folder / "4.jpg")
     with caplog.at_level(logging.WARNING):
         scan = read_scan(folder)
-    assert scan.volume.shape == (5, 24, 24)
-    np.testing.assert_allclose(scan.volume[4], 200 / 255, atol=2 / 255)
-    assert "majority size 24x24" in caplog.text
+    assert scan.volume.shape == (4, 24, 24)
+    assert scan.volume.max() < 200 / 255 - 0.05
+    assert "leaving out 1 image(s) of another size or mode than the 24x24 L slices: 4.jpg (40x30 L)" in caplog.text
 
 
 def test_slice_width_resizes_while_reading(slice_scan):

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cov3d.errors import Cov3dError
-from cov3d.data.readers import get_reader, is_image_file, natural_key, scan_kind
+from cov3d.data.readers import get_reader, is_image_file, natural_key, scan_kind, subfolders_inside
+from cov3d.data.readers.dicom import is_dicom_slice
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,18 @@ def find_scans(root: Path) -> list[tuple[Path, str]]:
     root = Path(root)
     kind = scan_kind(root)
     if kind:
+        _warn_inside(root)
         return [(root, kind)]
     found: list[tuple[Path, str]] = []
     _search(root, found, seen=set())
     return found
+
+
+def _warn_inside(scan: Path) -> None:
+    inside = subfolders_inside(scan)
+    if inside:
+        log.warning("%s: a scan; the folder(s) inside it (%s) belong to it, are not scans of their own, and are "
+                    "not read", scan, ", ".join(p.name + "/" for p in inside[:5]))
 
 
 def _search(folder: Path, found: list[tuple[Path, str]], seen: set[Path]) -> None:
@@ -69,6 +78,7 @@ def _search(folder: Path, found: list[tuple[Path, str]], seen: set[Path]) -> Non
         else:
             seen.add(scan.resolve())
             found.append((scan, kind))
+            _warn_inside(scan)
 
     strays = []
     for child in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
@@ -80,14 +90,15 @@ def _search(folder: Path, found: list[tuple[Path, str]], seen: set[Path]) -> Non
                 _search(child, found, seen)
             else:
                 add(child, kind)
-        elif is_image_file(child):
+        elif is_image_file(child) or is_dicom_slice(child):
+            # A lone image, or one single-slice DICOM file (a dose report, a scout) beside scans, is not a scan.
             strays.append(child.name)
         else:
             kind = scan_kind(child)
             if kind is not None:  # a file that is a whole scan, a volume say
                 add(child, kind)
     if strays:
-        log.warning("%s: ignoring %d image file(s) beside scan folders, not in one: %s", folder, len(strays),
+        log.warning("%s: ignoring %d image or DICOM file(s) beside scan folders, not in one: %s", folder, len(strays),
                     ", ".join(strays[:5]))
 
 
@@ -112,14 +123,19 @@ def read_severity_csv(path: Path) -> dict[str, tuple[int, int]]:
         raise Cov3dError(f"severity file '{path}' is not UTF-8 text (UTF-16, say); save it as UTF-8 "
                          "or plain ASCII") from None
     lines = text.splitlines()
-    delimiter = ";" if lines and ";" in lines[0] else ","
+    # The first line that is not blank decides the separator and may be the header (blank lines may lead).
+    first = next((line for line in lines if line.strip()), "")
+    delimiter = ";" if ";" in first else ","
     rows: dict[str, tuple[int, int]] = {}
+    seen_row = False
     for number, row in enumerate(csv.reader(lines, delimiter=delimiter), start=1):
         cells = [c.strip() for c in row]
         if not any(cells):
             continue
-        if number == 1 and len(cells) >= 2 and cells[1].lower() == "category":
-            continue  # header
+        header = not seen_row and len(cells) >= 2 and cells[1].lower() == "category"
+        seen_row = True
+        if header:
+            continue
         if len(cells) < 2 or not cells[0]:
             raise Cov3dError(f"{path}, line {number}: expected 'Name;Category', got '{';'.join(row)}'")
         name, category = cells[0], cells[1]

@@ -35,7 +35,7 @@ from cov3d.data.readers.volume import VOLUME_SUFFIXES, VolumeReader, is_volume_f
 __all__ = [
     "DEFAULT_WINDOW", "DICOM_SUFFIXES", "READERS", "SHORT_SCAN", "SLICE_SUFFIXES", "VOLUME_SUFFIXES",
     "Reader", "Scan", "ScanMeta", "get_reader", "is_image_file", "is_volume_file", "natural_key",
-    "parse_window", "read_scan", "register_reader", "scan_kind", "visible_files",
+    "parse_window", "read_scan", "register_reader", "scan_kind", "subfolders_inside", "visible_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,33 +74,53 @@ register_reader(DicomReader())
 register_reader(VolumeReader())
 
 
-def _has_scan_below(folder: Path) -> bool:
-    """True when some folder below `folder` holds a file of a scan (a slice, a DICOM file, a volume)."""
+def _parts_below(folder: Path, at_least: int | None = None) -> int:
+    """The most scan files (slices, DICOM files, volumes) any one folder below `folder` holds.
+
+    With `at_least`, stops as soon as one folder holds that many.
+    """
     readers = list(READERS.values())
+    most = 0
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         if Path(root) == folder:
             continue
-        for name in files:
-            if name.startswith("."):
-                continue
-            file = Path(root) / name
-            if any(reader.is_part(file) for reader in readers):
-                return True
-    return False
+        count = sum(1 for name in files if not name.startswith(".")
+                    and any(reader.is_part(Path(root) / name) for reader in readers))
+        most = max(most, count)
+        if at_least is not None and most >= at_least:
+            break
+    return most
+
+
+def _own_parts(folder: Path, reader: Reader) -> int:
+    return sum(1 for file in visible_files(folder) if reader.is_part(file))
+
+
+def subfolders_inside(path: Path) -> list[Path]:
+    """The visible folders inside a scan folder: not searched for scans (thumbnails, a scout series)."""
+    return sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: natural_key(p.name)) if path.is_dir() else []
 
 
 def scan_kind(path: Path) -> str | None:
     """The kind of the first registered reader that can read `path` ('slices', 'dicom', 'volume', …), else None.
 
-    A folder of images is a slice folder unless folders below it hold scans:
-    then it is a folder of scans, and its own images (an overview.png beside
-    the scan folders) are not slices. A lone image file is a 1-slice scan.
+    A folder holding files of a scan is one scan, its subfolders (thumbnails,
+    a scout series) part of it, when it holds at least SHORT_SCAN such files
+    and more than any folder below it. Otherwise, when folders below it hold
+    scans, it is a folder of scans, and its own few images (an overview.png
+    beside the scan folders) are not slices. A lone image file is a 1-slice scan.
     """
     path = Path(path)
     for reader in READERS.values():
         if reader.can_read(path):
-            return None if path.is_dir() and _has_scan_below(path) else reader.kind
+            if not path.is_dir() or not subfolders_inside(path):
+                return reader.kind
+            own = _own_parts(path, reader)
+            if own >= SHORT_SCAN:
+                return reader.kind if _parts_below(path, at_least=own) < own else None
+            return None if _parts_below(path, at_least=1) else reader.kind
     return None
 
 
@@ -110,6 +130,7 @@ def read_scan(
     window: tuple[float, float] = DEFAULT_WINDOW,
     slice_width: int | None = None,
     threads: int | None = None,
+    series: str | None = None,
 ) -> Scan:
     """Read a scan folder or file as float32 (depth, height, width) in [0, 1].
 
@@ -118,21 +139,27 @@ def read_scan(
     antialiased bicubic interpolation as it is read, so that a full-resolution
     float copy of a long scan never exists; otherwise slices keep their size.
     `threads` decodes that many slices at once (default: all cores).
+    `series` (a SeriesInstanceUID or SeriesNumber) picks the DICOM series to
+    read where a folder holds several; readers of other kinds ignore it.
     """
     path = Path(path)
     if not path.exists():
         raise Cov3dError(f"scan '{path}' does not exist")
     threads = threads or os.cpu_count() or 1
-    scan = _read(path, window, slice_width, threads)
+    scan = _read(path, window, slice_width, threads, series)
     if scan.meta.slices < SHORT_SCAN:
         log.warning("%s has only %d slice(s); it is read, but a chest CT usually has dozens", path, scan.meta.slices)
     return scan
 
 
-def _read(path: Path, window: tuple[float, float], slice_width: int | None, threads: int) -> Scan:
+def _read(path: Path, window: tuple[float, float], slice_width: int | None, threads: int,
+          series: str | None) -> Scan:
     kind = scan_kind(path)
     if kind is not None:
-        return READERS[kind].read(path, window, slice_width, threads)
+        reader = READERS[kind]
+        if series is not None and reader.selects_series:
+            return reader.read(path, window, slice_width, threads, series=series)
+        return reader.read(path, window, slice_width, threads)
     if path.is_file():
         raise Cov3dError(
             f"'{path}' has an unsupported file type; cov3d reads folders of numbered "
@@ -140,7 +167,7 @@ def _read(path: Path, window: tuple[float, float], slice_width: int | None, thre
         )
     if not any(path.iterdir()):
         raise Cov3dError(f"scan folder '{path}' is empty")
-    if _has_scan_below(path):
+    if _parts_below(path, at_least=1):
         raise Cov3dError(f"'{path}' is a folder of scans, not one scan; give one of the scan folders in it")
     raise Cov3dError(
         f"'{path}' holds no slices: expected numbered .jpg/.jpeg/.png images or DICOM files in it"

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from cov3d.errors import Cov3dError
+from cov3d.data.integrity import nonfinite_message
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class ScanMeta:
     # slice axes. With `spacing`, enough to write a map that overlays the original in a viewer.
     origin: tuple[float, float, float] | None = None
     direction: tuple[float, ...] | None = None
+    series: str | None = None  # the DICOM SeriesInstanceUID read, for DICOM series
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Reader(ABC):
 
     kind: str
     windowed: bool
+    # True when `read` takes `series=` (a SeriesInstanceUID or SeriesNumber) to pick one of several series.
+    selects_series: bool = False
 
     @abstractmethod
     def can_read(self, path: Path) -> bool:
@@ -93,17 +97,35 @@ def natural_key(name: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
-def parse_window(text: str) -> tuple[float, float]:
-    """Parse 'LOW,HIGH' (Hounsfield units) into a window."""
-    parts = text.split(",")
+# The HU range a window may span: air is -1000 and padding values reach -3024; dense metal implants read up
+# to some 30000 on extended-scale scanners. Beyond, a window is a typing error (-3e38 made every voxel 0).
+WINDOW_LIMITS: tuple[float, float] = (-10000.0, 40000.0)
+MIN_WINDOW_WIDTH = 1.0  # HU: a narrower window is a threshold that float16 caches cannot tell from one
+
+
+def parse_window(text: str | Sequence[float]) -> tuple[float, float]:
+    """Parse 'LOW,HIGH' (Hounsfield units), or check a (LOW, HIGH) pair, into a window.
+
+    Both ends finite and within :data:`WINDOW_LIMITS`, LOW < HIGH, and at least
+    :data:`MIN_WINDOW_WIDTH` apart; anything else is a Cov3dError naming the value.
+    """
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    shown = text if isinstance(text, str) else ",".join(f"{p:g}" if isinstance(p, float) else str(p) for p in parts)
     try:
         low, high = (float(p) for p in parts)
-    except ValueError:
-        raise Cov3dError(f"window '{text}' is not LOW,HIGH in Hounsfield units, e.g. --window=-1350,150") from None
+    except (ValueError, TypeError):
+        raise Cov3dError(f"window '{shown}' is not LOW,HIGH in Hounsfield units, e.g. --window=-1350,150") from None
     if not (math.isfinite(low) and math.isfinite(high)):
-        raise Cov3dError(f"window '{text}' must be finite numbers of Hounsfield units, e.g. --window=-1350,150")
+        raise Cov3dError(f"window '{shown}' must be finite numbers of Hounsfield units, e.g. --window=-1350,150")
     if not low < high:
-        raise Cov3dError(f"window '{text}' needs LOW < HIGH, e.g. --window=-1350,150")
+        raise Cov3dError(f"window '{shown}' needs LOW < HIGH, e.g. --window=-1350,150")
+    bottom, top = WINDOW_LIMITS
+    if low < bottom or high > top:
+        raise Cov3dError(f"window '{shown}' reaches outside {bottom:g} … {top:g} HU, the range of CT values; "
+                         "e.g. --window=-1350,150 (the lung window)")
+    if high - low < MIN_WINDOW_WIDTH:
+        raise Cov3dError(f"window '{shown}' is {high - low:g} HU wide; give one at least {MIN_WINDOW_WIDTH:g} HU wide, "
+                         "e.g. --window=-1350,150")
     return low, high
 
 
@@ -141,6 +163,14 @@ def _assemble(
         arrays.append(array)
     volume = np.stack(arrays).astype(np.float32, copy=False)
     return volume, (height, width)
+
+
+def check_finite(values: np.ndarray, path: Path) -> None:
+    """Refuse voxel values that are NaN or infinite, naming the file and how many there are."""
+    if np.issubdtype(values.dtype, np.floating):
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise Cov3dError(nonfinite_message(path, bad))
 
 
 def _window(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:

@@ -8,16 +8,18 @@ import numpy as np
 from PIL import Image
 
 from cov3d.errors import Cov3dError
-from cov3d.data.integrity import check_nifti_complete, describe_itk_error
-from cov3d.data.readers.base import Reader, Scan, ScanMeta, _window
+from cov3d.data.integrity import check_detached_data, check_nifti_complete, describe_itk_error
+from cov3d.data.readers.base import Reader, Scan, ScanMeta, _window, check_finite
+from cov3d.data.readers.dicom import _is_dicom_file
+from cov3d.data.readers.orientation import to_canonical, warn_if_oblique
 from cov3d.data.resample import resize_slice
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
 
 def is_volume_file(path: Path) -> bool:
-    """True for a file SimpleITK reads as a whole volume."""
-    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
+    """True for a file SimpleITK reads as a whole volume (a DICOM file without a suffix included)."""
+    return path.is_file() and (path.name.lower().endswith(VOLUME_SUFFIXES) or _is_dicom_file(path))
 
 
 class VolumeReader(Reader):
@@ -33,8 +35,11 @@ class VolumeReader(Reader):
         return _read_volume(path, window, slice_width)
 
     def scan_name(self, name: str) -> str:
-        # Label files name 'ct_scan_3.nii.gz' as 'ct_scan_3'.
-        return name.split(".", 1)[0]
+        # Label files name 'ct_scan_3.nii.gz' as 'ct_scan_3'; '1.2.840.113619.2.dcm' is '1.2.840.113619.2'.
+        for suffix in VOLUME_SUFFIXES:
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)]
+        return name
 
 
 def _read_volume(path: Path, window: tuple[float, float], slice_width: int | None) -> Scan:
@@ -42,6 +47,7 @@ def _read_volume(path: Path, window: tuple[float, float], slice_width: int | Non
 
     if path.name.lower().endswith((".nii", ".nii.gz")):
         check_nifti_complete(path)  # ITK would fill missing voxels with zeros
+    check_detached_data(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -52,10 +58,12 @@ def _read_volume(path: Path, window: tuple[float, float], slice_width: int | Non
     if image.GetDimension() == 3:
         # Depth along the cranio-caudal axis, head first; rows anterior to
         # posterior and columns patient right to left, as DICOM slices are shown.
+        warn_if_oblique(path, to_canonical(image.GetDirection()))
         image = sitk.DICOMOrient(image, "LPI")
     elif image.GetDimension() != 2:
         raise Cov3dError(f"volume '{path}' has {image.GetDimension()} dimensions; cov3d needs a 3D volume")
     data = sitk.GetArrayViewFromImage(image)
+    check_finite(data, path)
     if data.ndim == 2:
         data = data[None]
     spacing = tuple(float(s) for s in reversed(image.GetSpacing()))

@@ -18,6 +18,7 @@ from cov3d.labels import PRESENCE_NAMES, SEVERITY_CODES, SEVERITY_NAMES, severit
 from cov3d.reports.evaluation import plot_evaluation
 from cov3d.training.metrics import class_f1, macro_f1
 from cov3d.inference.predict import CSV_COLUMNS, load_ensemble, parse_threshold, predict_scans, prediction_rows
+from cov3d.inference.stats import RESAMPLES, SEED, Scored, add_intervals, scored_from_rows
 from cov3d.training.runtime import resolve_device
 
 
@@ -63,6 +64,7 @@ class Evaluation:
     roc: tuple[np.ndarray, np.ndarray] | None
     presence_confusion: np.ndarray
     severity_confusion: np.ndarray | None
+    scored: Scored | None = None  # the per-scan answers as arrays (cov3d.inference.stats)
 
 
 def evaluate(
@@ -77,8 +79,11 @@ def evaluate(
     precision: str = "auto",
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
 ) -> Evaluation:
-    """Predict the labelled scans of `split` and score them against their labels."""
+    """Predict the labelled scans of `split` and score them against their labels; with `resamples` > 0, each
+    score's stratified bootstrap 95% interval too (seeded by `seed`)."""
     data = Path(data)
     records = [r for r in catalog(data, severity_files) if r.split == split and r.label]
     if not records:
@@ -118,7 +123,10 @@ def evaluate(
                                                      for _, p in labelled])) if labelled else None
     presence_confusion = np.array(metrics["presence"]["confusion_matrix"])
     severity_confusion = np.array(metrics["severity"]["confusion_matrix"]) if labelled else None
-    return Evaluation(metrics, rows, failures, roc, presence_confusion, severity_confusion)
+    scored = scored_from_rows(rows, data, scores)
+    if resamples:
+        add_intervals(metrics, scored, resamples, seed)
+    return Evaluation(metrics, rows, failures, roc, presence_confusion, severity_confusion, scored)
 
 
 def write_outputs(evaluation: Evaluation, directory: Path) -> list[Path]:

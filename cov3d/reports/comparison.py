@@ -13,7 +13,7 @@ def plot_comparison(rows: list[dict], image: Path) -> Path:
     """Bars of presence and severity F1 per run (evaluated scores with their 95% intervals where a run has
     them, else the best validation score of its history)."""
     plt = pyplot()
-    names = [Path(row["run"]).name for row in rows]
+    names = [row.get("name") or Path(row["run"]).name for row in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(rows) + 2), 3.8))
     for offset, (prefix, label, colour) in enumerate((("presence_f1", "presence macro F1", "tab:blue"),
@@ -29,7 +29,7 @@ def plot_comparison(rows: list[dict], image: Path) -> Path:
         ax.bar(x + (offset - 0.5) * 0.38, values, 0.38, yerr=[low, high], capsize=3, label=label, color=colour)
     ax.set(xticks=x, ylabel="macro F1", ylim=(0, 1.05), title="Runs compared (bars: 95% CI where evaluated)")
     ax.set_xticklabels(names, rotation=20, ha="right")
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper right", fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return save(fig, image, dpi=110)

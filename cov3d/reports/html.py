@@ -21,7 +21,8 @@ from cov3d.labels import PRESENCE_NAMES, SEVERITY_NAMES
 from cov3d.reports.figures import pyplot
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; background: #fff; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1.5em; max-width: 1100px; color: #222;
+       background: #fff; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }
 table { border-collapse: collapse; margin: .6em 0; } td, th { border: 1px solid #ccc; padding: .25em .6em; }
 th { background: #f0f3f7; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
@@ -46,7 +47,8 @@ def _png(fig, dpi: int = 100) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _file_png(path: Path) -> str:
+def file_uri(path: Path) -> str:
+    """A PNG file as a data: URI."""
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
@@ -152,13 +154,14 @@ def _comparison_section(comparison: dict) -> str:
         if d.get("estimate") is None:
             continue
         rows.append([label, _number(d["first"]), _number(d["second"]), f"{d['estimate']:+.3f}",
-                     f"[{d['low']:+.3f}, {d['high']:+.3f}]"])
+                     "–" if d["low"] is None else f"[{d['low']:+.3f}, {d['high']:+.3f}]"])
     test = comparison["mcnemar_presence_accuracy"]
     return (f"<h2>Against {html.escape(comparison['baseline'])}</h2><p>{comparison['scans']} shared scans; "
             "paired bootstrap of each difference (this − baseline).</p>"
             + _table(["metric", "this", "baseline", "difference", "95% CI"], rows)
             + f"<p>McNemar's test ({html.escape(test['method'])}) of presence accuracy: {test['first_only_right']} "
-              f"scans right only here, {test['second_only_right']} only in the baseline, p = {test['p_value']:.4g}.</p>")
+              f"scans right only here, {test['second_only_right']} only in the baseline, "
+              f"p = {test['p_value']:.4g}.</p>")
 
 
 def _groups_section(grouped: dict) -> str:
@@ -191,13 +194,15 @@ def write_report(
     histories: Sequence[tuple[str, str]] = (),
     mistakes: Sequence[dict] = (),
     slices: Sequence[np.ndarray | None] = (),
+    gradcams: Sequence[str | None] = (),
 ) -> Path:
     """Write the report to `path` (whole or not at all).
 
     `metrics` is evaluate's metrics.json; `truth` (1 covid) and `scores`
     (P(covid)) draw the ROC and PR curves; `histories` are (run name, PNG data
     URI) of training curves; `mistakes` the most confident errors (scan, truth,
-    probability) with `slices`, each one's mid-slice in 0…1 or None.
+    probability) with `slices`, each one's mid-slice in 0…1 or None, and `gradcams`, PNG data URIs of their
+    Grad-CAM montages (or None).
     """
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
@@ -229,6 +234,12 @@ def write_report(
                          f"{html.escape(mistake['truth'])}, P(covid) {mistake['probability']:.3f}</div>")
         parts.append("<h2>Most confident mistakes</h2><p class=\"note\">Presence errors with P(covid) farthest "
                      "from 0.5; the middle axial slice of each.</p>" + "".join(cards))
+        maps = [(m, uri) for m, uri in zip(mistakes, gradcams) if uri]
+        if maps:
+            parts.append("<h2>Grad-CAM of the mistakes</h2><p class=\"note\">Presence maps (as <code>cov3d explain</code> "
+                         "draws them) on the four most attended slices.</p>"
+                         + "".join(f"<h3>{html.escape(m['scan'])}</h3>{_img(uri, 'Grad-CAM of ' + m['scan'])}"
+                                   for m, uri in maps))
     elif len(truth):
         parts.append("<h2>Most confident mistakes</h2><p>No presence mistake.</p>")
     parts.append("</body></html>\n")
@@ -241,4 +252,4 @@ def history_uri(history: Path, workdir: Path) -> str:
     from cov3d.reports.curves import plot_history
 
     image = plot_history(history, Path(workdir) / "history.png")
-    return _file_png(image)
+    return file_uri(image)

@@ -31,7 +31,7 @@ from cov3d.atomic import write_text
 from cov3d.data.catalog import SEVERITY_FILES, catalog
 from cov3d.data.groups import group_table, groups_of
 from cov3d.errors import Cov3dError
-from cov3d.models.checkpoint import LAST, load_checkpoint
+from cov3d.models.checkpoint import LAST, PRESENCE, load_checkpoint
 from cov3d.training.config import TrainConfig
 
 if TYPE_CHECKING:  # for annotations only: fastai loads with the trainer, and predict reads plans without it
@@ -105,6 +105,19 @@ def plan_folds(data: Path, k: int, seed: int, pool: str = "train+validation",
 
 def fold_run(run: Path, fold: int) -> Path:
     return Path(run) / f"fold-{fold}"
+
+
+def fold_runs(run: Path) -> list[Path]:
+    """The fold run directories of a cross-validation that have a best presence checkpoint: what
+    `cov3d predict --model RUN` ensembles."""
+    plan = read_plan(run)
+    found = [fold_run(run, i) for i in range(plan["folds"]) if (fold_run(run, i) / PRESENCE).is_file()]
+    if not found:
+        raise Cov3dError(f"'{run}' is a cross-validation whose folds have not trained yet (no fold-I/{PRESENCE}); "
+                         "train them with `cov3d train DATA --folds K --output RUN`")
+    if len(found) < plan["folds"]:
+        log.warning("%s: %d of its %d folds have trained; predicting with those", run, len(found), plan["folds"])
+    return found
 
 
 def write_plan(run: Path, scans: list[FoldScan], k: int, seed: int, pool: str, config: TrainConfig,

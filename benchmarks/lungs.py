@@ -125,29 +125,36 @@ def real_ct(overlay: Path | None) -> None:
 def speed(slices: int) -> None:
     import SimpleITK as sitk
 
+    from preprocess import make_scan  # benchmarks/preprocess.py's synthetic 512² JPEG scan
+
     rng = np.random.default_rng(1)
     phantom = make_phantom(rng, 3, width=128, slices=slices // 4 + 1)
     hu = phantom.hu.repeat(4, axis=0)[:slices].repeat(4, axis=1).repeat(4, axis=2).astype(np.int16)
+    size = Size(160, 320)
+    print(f"\n## Speed: {slices}×512×512 scans to 160×320×320 (best of 3 each)")
+    print("| input | preprocess, --lungs off | segmentation alone | share | preprocess, --lungs crop |")
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "scan.nii.gz"
+        nifti = Path(scratch) / "scan.nii.gz"
         image = sitk.GetImageFromArray(hu)
         image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))
-        sitk.WriteImage(image, str(path))
-        size = Size(160, 320)
-        preprocess = []
-        segment = []
-        for _ in range(3):
-            start = time.perf_counter()
-            preprocess_volume(path, size)
-            preprocess.append(time.perf_counter() - start)
+        sitk.WriteImage(image, str(nifti))
+        jpeg = make_scan(Path(scratch) / "jpeg", slices)
+        for name, path in (("NIfTI (HU)", nifti), ("JPEG slices", jpeg)):
+            def best(step) -> float:
+                times = []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    step()
+                    times.append(time.perf_counter() - start)
+                return min(times)
+
+            off = best(lambda: preprocess_volume(path, size))
             volume = read_scan(path).volume
-            start = time.perf_counter()
-            segment_lungs(volume)
-            segment.append(time.perf_counter() - start)
-    best_pre, best_seg = min(preprocess), min(segment)
-    print(f"\n## Speed: {slices}×512×512 scan")
-    print(f"preprocess to 160×320×320: {best_pre:.2f} s (best of 3); segmentation: {best_seg:.2f} s "
-          f"= {100 * best_seg / best_pre:.0f}% of it (target ≤ 25%)")
+            segment = best(lambda: segment_lungs(volume))
+            crop = best(lambda: preprocess_volume(path, size, lungs="crop"))
+            print(f"| {name} | {off:.2f} s | {segment:.2f} s | {100 * segment / off:.0f}% (target ≤ 25%) | "
+                  f"{crop:.2f} s |")
 
 
 def main() -> None:

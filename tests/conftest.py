@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import locale
 import os
 from pathlib import Path
 
@@ -22,6 +24,16 @@ def write_slices(folder: Path, volume: np.ndarray, suffix: str = ".jpg", names: 
     return folder
 
 
+@contextlib.contextmanager
+def keep_locale():
+    """GDCM's DICOM writer sets the C locale and leaves it: Python's text I/O would then default to ASCII."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def write_dicom_series(folder: Path, hu: np.ndarray, names: list[str] | None = None, z0: float = 0.0,
                        z_step: float = -2.5, series: str = "1.2.826.0.1.3680043.2.1125.1") -> Path:
     """Write a (D, H, W) HU volume as a DICOM series, head first (z decreasing), InstanceNumber 1…D."""
@@ -31,6 +43,15 @@ def write_dicom_series(folder: Path, hu: np.ndarray, names: list[str] | None = N
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     writer.SetImageIO("GDCMImageIO")  # file names need not end in .dcm
+    with keep_locale():
+        _write_series(writer, folder, hu, names, z0, z_step, series)
+    return folder
+
+
+def _write_series(writer, folder: Path, hu: np.ndarray, names: list[str] | None, z0: float, z_step: float,
+                  series: str) -> None:
+    import SimpleITK as sitk
+
     for index, array in enumerate(hu):
         image = sitk.GetImageFromArray(np.asarray(array, dtype=np.int16))
         image.SetSpacing((0.7, 0.7))
@@ -47,7 +68,6 @@ def write_dicom_series(folder: Path, hu: np.ndarray, names: list[str] | None = N
             image.SetMetaData(key, value)
         writer.SetFileName(str(folder / (names[index] if names else f"slice{index:03d}.dcm")))
         writer.Execute(image)
-    return folder
 
 
 def write_nifti(path: Path, hu: np.ndarray, spacing=(0.7, 0.7, 2.5)) -> Path:
@@ -150,5 +170,6 @@ def write_dicom_image(folder: Path, image, series: str = "1.2.826.0.1.3680043.2.
         for key, value in values.items():
             plane.SetMetaData(key, value)
         writer.SetFileName(str(folder / names.format(start + k)))
-        writer.Execute(plane)
+        with keep_locale():
+            writer.Execute(plane)
     return folder

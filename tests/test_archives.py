@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_dicom_image, write_slices
+from conftest import keep_locale, write_dicom_image, write_slices
 from test_orientation import canonical_image, oriented, phantom
 
 from cov3d.data.catalog import find_scans
@@ -213,7 +213,8 @@ def test_a_folder_of_multi_frame_files_gives_one_scan_per_file_in_the_convention
         writer = sitk.ImageFileWriter()
         writer.SetImageIO("GDCMImageIO")
         writer.SetFileName(str(folder / name))
-        writer.Execute(frames)
+        with keep_locale():
+            writer.Execute(frames)
     found = find_scans(folder)
     assert [(p.name, kind) for p, kind in found] == [("axial.dcm", "volume"), ("sagittal", "volume")]
     for path, _ in found:

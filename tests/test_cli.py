@@ -126,6 +126,7 @@ def test_choices_restated_to_keep_torch_out_of_start_up_match_the_library():
     import typer
 
     from cov3d.cli import options, train as train_cli
+    from cov3d.data.lungs import LUNG_MODES
     from cov3d.data.readers import DEFAULT_WINDOW
     from cov3d.data.resample import SIZES
     from cov3d.models.video import POOLS
@@ -137,6 +138,7 @@ def test_choices_restated_to_keep_torch_out_of_start_up_match_the_library():
         return tuple(member.value for member in enum)
 
     assert values(options.SizeName) == tuple(SIZES)
+    assert values(options.Lungs) == LUNG_MODES
     assert values(options.Precision) == PRECISIONS
     assert values(options.WandbMode) == MODES
     assert values(train_cli.Pool) == POOLS

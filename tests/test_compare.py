@@ -71,10 +71,10 @@ def test_compare_cli_expands_globs_and_writes_csv_markdown_and_a_plot(tmp_path):
     out = tmp_path / "cmp"
     result = runner.invoke(app, ["compare", str(tmp_path / "runs" / "*"), "--output-dir", str(out)])
     assert result.exit_code == 0, result.output
-    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    rows = list(csv.DictReader((out / "comparison.csv").open(encoding="utf-8")))
     assert [Path(r["run"]).name for r in rows] == ["a", "b"]
     assert rows[1]["arch"] == "mc3_18" and rows[1]["epochs"] == "1/2" and rows[1]["presence_f1"] == "0.6"
-    table = (out / "comparison.md").read_text()
+    table = (out / "comparison.md").read_text(encoding="utf-8")
     assert table.startswith("| run | arch | size | λ | epochs | presence F1 | severity F1 | time (s) | parameters |")
     assert "| b | mc3_18 | 8x16x16 | 1 | 1/2 | 0.600 | 0.500 | 10 |" in table
     with Image.open(out / "comparison.png") as image:

@@ -150,10 +150,10 @@ def test_a_tiny_cross_validation_end_to_end(tmp_path):
     result = runner.invoke(app, ["train", str(data), *common])
     assert result.exit_code == 0, result.output
     assert "Fold 1 has trained its 1 epochs already." in result.output
-    oof = list(csv.DictReader((run / "oof.csv").open()))
+    oof = list(csv.DictReader((run / "oof.csv").open(encoding="utf-8")))
     assert len(oof) == 12 and {r["fold"] for r in oof} == {"0", "1"}
     assert len({r["path"] for r in oof}) == 12  # every labelled scan once, by its original path
-    summary = json.loads((run / "cv.json").read_text())["summary"]
+    summary = json.loads((run / "cv.json").read_text(encoding="utf-8"))["summary"]
     assert [f["scans"] for f in summary["folds"]] == [6, 6]
     pooled = summary["pooled"]["presence_macro_f1"]
     assert pooled["low"] <= pooled["estimate"] <= pooled["high"]
@@ -166,7 +166,7 @@ def test_a_tiny_cross_validation_end_to_end(tmp_path):
         "fold-0/presence.pt", "fold-0/severity.pt", "fold-1/presence.pt", "fold-1/severity.pt"]
     compared = runner.invoke(app, ["compare", str(run), "--output-dir", str(tmp_path / "cmp")])
     assert compared.exit_code == 0, compared.output
-    row = next(csv.DictReader((tmp_path / "cmp" / "comparison.csv").open()))
+    row = next(csv.DictReader((tmp_path / "cmp" / "comparison.csv").open(encoding="utf-8")))
     assert row["epochs"] == "1 x 2 folds" and float(row["presence_f1_evaluated"]) == pooled["estimate"]
 
 

@@ -71,7 +71,7 @@ def test_two_processes_leave_one_run_with_scores_over_every_validation_scan(two_
         "config.json", "history.csv", "history.png", "last.pt", "presence.pt", "severity.pt"]
     rows = history(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     manifest = Path(config["resolved"]["manifest"])
     validation = len(load_splits(manifest).valid)
     assert validation == 5
@@ -87,13 +87,13 @@ def test_final_scores_equal_a_single_process_evaluate_of_the_checkpoint(two_proc
     result = CliRunner().invoke(app, ["evaluate", str(data), "--model", str(run / "last.pt"), "--no-tta",
                                       "--device", "cpu", "--precision", "fp32", "--output-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["scans"] == int(last["valid_scans"])
     assert metrics["presence"]["macro_f1"] == pytest.approx(float(last["presence_f1"]))
     assert metrics["presence"]["accuracy"] == pytest.approx(float(last["presence_accuracy"]))
     assert metrics["severity"]["macro_f1"] == pytest.approx(float(last["severity_f1"]))
     # The validation loss is a continuous function of every output: it pins the gathered outputs exactly.
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     splits = load_splits(Path(config["resolved"]["manifest"]), flip=False)
     model, _ = load_model(run / "last.pt")
     with torch.no_grad():
@@ -118,7 +118,7 @@ def test_a_two_process_run_resumes_in_one_process(two_process_run, tmp_path: Pat
     rows = history(copy)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert rows[:2] == history(run)
-    assert json.loads((copy / "config.json").read_text())["resolved"]["world_size"] == 1
+    assert json.loads((copy / "config.json").read_text(encoding="utf-8"))["resolved"]["world_size"] == 1
 
 
 FAILING_RANK = """

@@ -162,7 +162,7 @@ def test_explain_cli_writes_pictures_maps_with_geometry_and_json(trained_run, tm
     np.testing.assert_allclose(heat.GetSpacing(), original.GetSpacing(), rtol=1e-6)
     np.testing.assert_allclose(heat.GetOrigin(), original.GetOrigin(), atol=1e-5)
     np.testing.assert_allclose(heat.GetDirection(), original.GetDirection(), atol=1e-6)
-    summary = json.loads((out / "explain.json").read_text())
+    summary = json.loads((out / "explain.json").read_text(encoding="utf-8"))
     assert 0.0 <= summary["probability"] <= 1.0 and summary["severity"] in ("mild", "moderate", "severe", "critical")
     assert len(summary["maps"]["presence"]["peak"]) == 3
 
@@ -214,7 +214,7 @@ def test_an_empty_output_folder_is_not_required(trained_run, tmp_path):
     (out / "notes.txt").write_text("kept")
     result = runner.invoke(app, ["explain", str(scan), "--model", str(trained_run / PRESENCE), "--output", str(out)])
     assert result.exit_code == 0, result.output
-    assert (out / "notes.txt").read_text() == "kept"
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "kept"
 
 
 @pytest.mark.skipif(not os.environ.get("COV3D_SLOW"), reason="trains the demo model (~5 min on 2 cores); "

@@ -111,8 +111,8 @@ def test_explaining_a_scan_with_nan_blames_the_scan_not_the_checkpoint(tmp_path,
     scan = write_slices(tmp_path / "scan", ramp_volume(4, 16))
     real = explain.preprocess_volume
 
-    def cached_with_nan(path, size, window):
-        tensor, meta = real(path, size, window)
+    def cached_with_nan(path, size, window, **options):
+        tensor, meta = real(path, size, window, **options)
         tensor[0, 1, 2, 3] = math.nan
         return tensor, meta
 
@@ -262,7 +262,7 @@ def test_synth_and_demo_into_a_file_are_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     for args in (["synth", str(tmp_path / "file")], ["demo", "--output", str(tmp_path / "file")]):
         assert "is a file, not a folder" in one_error_line(runner.invoke(app, args))
-    assert (tmp_path / "file").read_text() == "x"
+    assert (tmp_path / "file").read_text(encoding="utf-8") == "x"
 
 
 @pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".jpg", b"\xff\xd8\xff"),
@@ -428,7 +428,7 @@ def test_explain_replaces_the_whole_set_and_keeps_other_files(tmp_path):
     names = {p.name for p in out.iterdir()}
     assert "notes.txt" in names and "presence.nii.gz" in names
     assert not any(name.startswith("severity") for name in names)  # no old severity map beside the new set
-    assert json.loads((out / "explain.json").read_text())["severity"] is None
+    assert json.loads((out / "explain.json").read_text(encoding="utf-8"))["severity"] is None
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
 
 

@@ -236,7 +236,7 @@ def test_a_threshold_fitted_on_one_split_applies_to_another(trained_run, dataset
 def test_unwritable_outputs_fail_before_any_work(trained_run, dataset, slice_scan, tmp_path, command):
     blocker = tmp_path / "a-file"
     blocker.write_text("x", encoding="utf-8")
-    target = str(blocker / "out")  # a path below a file can never be written
+    target = str(blocker / ("out.png" if command == "show" else "out"))  # below a file: never writable
     args = {"predict": ["predict", str(slice_scan), "--model", str(trained_run), "--output", target],
             "evaluate": ["evaluate", str(dataset), "--model", str(trained_run), "--output-dir", target],
             "show": ["show", str(slice_scan), "--output", target]}[command]

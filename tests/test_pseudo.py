@@ -43,7 +43,7 @@ def test_pseudo_labels_are_a_training_split_the_catalog_reads(tmp_path):
     records = {r.path: r for r in catalog(tmp_path / "pseudo")}
     assert set(records) == {"train/covid/a", "train/non-covid/d"}
     assert records["train/covid/a"].severity == 3 and records["train/covid/a"].split == "train"
-    saved = json.loads((tmp_path / "pseudo" / "pseudo_labels.json").read_text())
+    saved = json.loads((tmp_path / "pseudo" / "pseudo_labels.json").read_text(encoding="utf-8"))
     assert saved["threshold"] == 0.9 and saved["models"] == ["runs/a"]
 
 
@@ -72,6 +72,6 @@ def test_predict_writes_pseudo_labels(trained_run, dataset, tmp_path):
                                  "--no-tta", "--device", "cpu", "--pseudo-labels", str(out),
                                  "--pseudo-threshold", "0.51"])
     assert result.exit_code == 0, result.output
-    record = json.loads((out / "pseudo_labels.json").read_text())
+    record = json.loads((out / "pseudo_labels.json").read_text(encoding="utf-8"))
     assert record["scans_given"] == 3 and "Pseudo-labels:" in result.output
     assert len(list((out / "train").glob("*/*"))) == record["kept"]

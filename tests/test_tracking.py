@@ -80,7 +80,7 @@ def test_each_epoch_logs_scores_time_and_throughput(wandb_run) -> None:
     for key in ("train_loss", "valid_loss", "presence_f1", "presence_accuracy", "severity_f1", "lr", "f1_covid",
                 "f1_non_covid", "epoch_seconds", "scans_per_second", "valid_scans"):
         assert key in keys, key
-    assert json.loads((run / "wandb.json").read_text())["id"] in folder.name
+    assert json.loads((run / "wandb.json").read_text(encoding="utf-8"))["id"] in folder.name
 
 
 def test_panels_and_a_predictions_table_with_images_are_logged(wandb_run) -> None:
@@ -92,7 +92,7 @@ def test_panels_and_a_predictions_table_with_images_are_logged(wandb_run) -> Non
         assert any(f"validation{panel}" in name for name in tables), panel
     (predictions,) = [a for name, a in tables.items() if "predictions" in name]
     entries = {entry.path: entry.local_path for entry in predictions.manifest.contents}
-    table = json.loads(Path(next(p for k, p in entries.items() if k.endswith(".table.json"))).read_text())
+    table = json.loads(Path(next(p for k, p in entries.items() if k.endswith(".table.json"))).read_text(encoding="utf-8"))
     assert table["columns"][:4] == ["scan", "label", "severity_label", "p_covid"]
     validation = sorted(p.relative_to(data).as_posix() for p in (data / "validation").glob("*/*"))
     assert sorted(row[0] for row in table["data"]) == validation
@@ -121,7 +121,7 @@ def test_evaluate_logs_into_the_training_run(wandb_run, tmp_path: Path, monkeypa
                                       "--output-dir", str(tmp_path / "ev"), "--wandb"])
     assert result.exit_code == 0, result.output
     (folder,) = set((run / "wandb").glob("offline-run-*")) - before
-    run_id = json.loads((run / "wandb.json").read_text())["id"]
+    run_id = json.loads((run / "wandb.json").read_text(encoding="utf-8"))["id"]
     assert folder.name.endswith(run_id)  # the same W&B run, resumed
     expected = {"evaluate/validation/presence/macro_f1", "evaluate/validation/presence/accuracy"}
     # W&B's service process may still be writing the offline run file when the command returns (seen under load).

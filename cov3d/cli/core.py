@@ -32,15 +32,21 @@ errors = Console(stderr=True, soft_wrap=True)
 
 
 @contextmanager
-def reported(resume_hint: str = "run the command again to resume") -> Iterator[None]:
-    """Turn expected errors into one red line and a non-zero exit."""
+def reported(resume_hint: str = "run the command again to resume",
+             interrupted: Callable[[KeyboardInterrupt], str] | None = None) -> Iterator[None]:
+    """Turn expected errors into one red line and a non-zero exit.
+
+    On Ctrl-C, `interrupted(the KeyboardInterrupt)` says what was kept, when given;
+    else the line says that finished work is kept, and `resume_hint`.
+    """
     try:
         yield
     except Cov3dError as error:
         errors.print(f"[bold red]Error{_rank()}:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        errors.print(f"[bold red]Interrupted.[/] Finished work is kept; {resume_hint}.")
+    except KeyboardInterrupt as interrupt:
+        kept = interrupted(interrupt) if interrupted else f"Finished work is kept; {resume_hint}."
+        errors.print(f"[bold red]Interrupted.[/] {escape(kept)}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
 
 

@@ -29,9 +29,19 @@ def choices(name: str, values: Iterable[str]) -> type[Enum]:
 SizeName = choices("SizeName", ("small", "medium", "large"))  # cov3d.data.resample.SIZES
 Precision = choices("Precision", ("auto", "fp32", "bf16", "fp16"))  # cov3d.training.precision.PRECISIONS
 WandbMode = choices("WandbMode", ("online", "offline", "disabled"))  # cov3d.training.tracking.MODES
+Lungs = choices("Lungs", ("off", "crop", "split"))  # cov3d.data.lungs.LUNG_MODES
 # The size `train` reads by default, so that `preprocess` fills the cache it will read.
 DEFAULT_SIZE = SizeName(TRAIN_DEFAULTS["size"])
 
+LungsOption = Annotated[
+    Lungs, typer.Option(help="What the model sees: off, the whole volume; crop, the lungs' box (segmented, plus "
+                             "a margin) at full resolution; split, each lung on its own, the left mirrored "
+                             "(docs/data.md#lungs).")
+]
+SeriesOption = Annotated[
+    Optional[str], typer.Option(help="The DICOM series to read where a folder holds several: a SeriesInstanceUID "
+                                     "or SeriesNumber (default: the series rule of docs/data.md).")
+]
 WindowOption = Annotated[
     Optional[str],
     typer.Option(help="HU window LOW,HIGH mapped to [0, 1] for DICOM and volume files "

@@ -9,7 +9,9 @@ import typer
 
 from cov3d.cli.core import app, console, progress_bar, reported
 from cov3d.training.config import MAX_SEED
-from cov3d.cli.options import DEFAULT_SIZE, DepthOption, SizeOption, WidthOption, WindowOption, scan_output_name
+from cov3d.cli.options import (
+    DEFAULT_SIZE, DepthOption, SeriesOption, SizeOption, WidthOption, WindowOption, scan_output_name,
+)
 
 
 @app.command()
@@ -26,6 +28,11 @@ def show(
     depth: DepthOption = None,
     width: WidthOption = None,
     window: WindowOption = None,
+    lungs: Annotated[
+        bool, typer.Option("--lungs/--no-lungs", help="Outline the lungs that segmentation finds (right red, left "
+                                                      "cyan), and say what it measured.")
+    ] = False,
+    series: SeriesOption = None,
 ) -> None:
     """Save sections of a scan as the model sees it, or the training curves of a run directory."""
     from cov3d.atomic import check_writable
@@ -54,9 +61,17 @@ def show(
         hu_window = parse_window(window) if window is not None else DEFAULT_WINDOW
         target = output or _default_picture(scan)
         check_writable(target)
-        tensor, meta = preprocess_volume(scan, resolved, hu_window)
-        render_views(tensor[0].float().numpy(), target,
-                     f"{scan.name}: {meta['slices']} slices of {meta['height']}x{meta['width']} -> {resolved.name}")
+        tensor, meta = preprocess_volume(scan, resolved, hu_window, series=series)
+        volume = tensor[0].float().numpy()
+        title = f"{scan.name}: {meta['slices']} slices of {meta['height']}x{meta['width']} -> {resolved.name}"
+        outline = None
+        if lungs:
+            from cov3d.data.lungs import segment_lungs
+
+            mask = segment_lungs(volume)
+            outline = mask.labels if mask.ok else None
+            title += f"; lungs: {mask.quality}"
+        render_views(volume, target, title, lungs=outline)
         console.print(f"Saved {target}")
 
 

@@ -20,7 +20,7 @@ import typer
 from cov3d.cli.core import app, bar, console, progress_bar, reported
 from cov3d.cli.options import (
     TRAIN_DEFAULTS as DEFAULTS, CacheOption, DepthOption, Precision, SizeName, SizeOption, TrainSeverityOption,
-    ValidationSeverityOption, WandbModeOption, WidthOption, WindowOption, choices,
+    Lungs, LungsOption, ValidationSeverityOption, WandbModeOption, WidthOption, WindowOption, choices,
 )
 from cov3d.errors import Cov3dError
 from cov3d.models.registry import ARCHS, arch_help
@@ -176,6 +176,7 @@ def train(
     loader_workers: LoaderWorkers = DEFAULTS["loader_workers"],
     cache: CacheOption = DEFAULTS["cache"],
     window: WindowOption = None,
+    lungs: LungsOption = Lungs(DEFAULTS["lungs"]),
     train_severity: TrainSeverityOption = DEFAULTS["train_severity"],
     validation_severity: ValidationSeverityOption = DEFAULTS["validation_severity"],
     resume: Resume = False,

@@ -20,7 +20,14 @@ from cov3d.data.preprocess import load_cached, read_manifest
 
 
 def reflect(volume: torch.Tensor) -> torch.Tensor:
-    """Mirror a (…, D, H, W) volume through the sagittal plane: patient left ↔ right (the width axis)."""
+    """Mirror a scan through the sagittal plane: the patient's left ↔ right.
+
+    A (…, 1, D, H, W) volume or a (D, H, W) map is flipped along its width. Under
+    ``--lungs split`` a scan is (…, 2, D, H, W), the right lung and the mirrored
+    left lung: its reflection is exactly those two swapped.
+    """
+    if volume.dim() >= 4 and volume.shape[-4] == 2:
+        return volume.flip(-4)
     return volume.flip(-1)
 
 

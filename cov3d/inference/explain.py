@@ -55,6 +55,8 @@ from cov3d.inference.predict import Member, Steps
 from cov3d.models.registry import ARCH_ATTRIBUTE, STAGES, get_arch
 from cov3d.models.slices import SliceNet, slice_mean_logits
 from cov3d.data.preprocess import preprocess_volume
+from cov3d.data.lungs import Box, segment_lungs
+from cov3d.models.pair import LungPair
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +109,17 @@ def grad_cam(model: nn.Module, volumes: torch.Tensor, score: Callable[[torch.Ten
              stage: int = STAGES) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM of (B, 1, D, H, W) volumes: (B, D, H, W) non-negative maps and the (B, 6) logits.
 
+    Under ``--lungs split`` the volumes are (B, 2, D, H, W) and the maps (B, 2, D, H, W), one per lung.
+
     `score(logits)` gives one score per row of logits; each volume's map comes
     from the gradient of its own score (in evaluation mode the volumes of a batch
     do not interact). For a 2D slice model the target is the mean over the
     slices of `score` of each slice's logits (see the module's docstring); the
     logits returned are the scan's all the same.
     """
-    modules = stage_modules(model, stage)
+    pair = isinstance(model, LungPair)
+    # Under --lungs split both lungs run through the one inner network as a batch of 2B: its stages are hooked.
+    modules = stage_modules(model.model if pair else model, stage, getattr(model, ARCH_ATTRIBUTE, None))
     activations: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda _module, _input, output: activations.append(output)) for m in modules]
     try:
@@ -132,8 +138,13 @@ def grad_cam(model: nn.Module, volumes: torch.Tensor, score: Callable[[torch.Ten
     finally:
         for hook in hooks:
             hook.remove()
-    maps = [_cam(a.detach().float(), g.float(), volumes.shape) for a, g in zip(activations, gradients)]
-    return torch.stack(maps).mean(dim=0), logits.detach()
+    shape = volumes.shape
+    if pair:  # the inner network saw (2B, 1, …), right lungs first: its maps become (B, 2, D, H, W)
+        shape = torch.Size((shape[0] * shape[1], 1, *shape[2:]))
+    maps = torch.stack([_cam(a.detach().float(), g.float(), shape) for a, g in zip(activations, gradients)]).mean(0)
+    if pair:
+        maps = maps.view(volumes.shape[1], volumes.shape[0], *maps.shape[1:]).transpose(0, 1)
+    return maps, logits.detach()
 
 
 def _cam(activation: torch.Tensor, gradient: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -185,6 +196,10 @@ class Explanation:
     severity: np.ndarray | None  # P(mild…critical | covid), mean over severity members; None without any
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # task → (slices, height, width) map
     aspect_depth: float = 0.5  # preprocessed depth / width: the slices' proportion when spacing is unknown
+    # Share of each map's mass inside the segmented lungs (task → share), a sanity check on real scans; None
+    # when segmentation failed (`lungs_quality` says why).
+    lung_share: dict[str, float] | None = None
+    lungs_quality: str = ""
 
     @property
     def severity_name(self) -> str | None:
@@ -208,15 +223,28 @@ def _merge(maps: torch.Tensor, tta: bool) -> torch.Tensor:
 
 
 class _Inputs:
-    """A scan preprocessed once per (size, window) that members need: ensemble members may differ in both."""
+    """A scan preprocessed once per (size, window, lungs) that members need: ensemble members may differ in all.
 
-    def __init__(self, path: Path):
-        self.path, self.cache = path, {}
+    Keeps, per setting, where each view lies on the original grid (:meth:`boxes`).
+    """
+
+    def __init__(self, path: Path, series: str | None = None):
+        self.path, self.series, self.cache, self.placed = path, series, {}, {}
+
+    @staticmethod
+    def _key(member: Member) -> tuple:
+        return member.size, member.window, member.config.get("lungs", "off")
+
+    def boxes(self, member: Member) -> list[Box]:
+        self(member)
+        return self.placed[self._key(member)]
 
     def __call__(self, member: Member) -> torch.Tensor:
-        key = (member.size, member.window)
+        key = self._key(member)
         if key not in self.cache:
-            tensor, _ = preprocess_volume(self.path, member.size, member.window)
+            tensor, meta = preprocess_volume(self.path, member.size, member.window, lungs=key[2],
+                                             series=self.series)
+            self.placed[key] = meta["views"]
             tensor = tensor.float()
             bad = int(tensor.numel() - torch.isfinite(tensor).sum())
             if bad:  # the scan's fault, not the model's: said before any map is computed
@@ -235,12 +263,17 @@ def explain_scan(
     stage: int = STAGES,
     device: torch.device | str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    series: str | None = None,
 ) -> Explanation:
-    """Grad-CAM maps of one scan for presence and, when a member predicts it, the predicted severity."""
+    """Grad-CAM maps of one scan for presence and, when a member predicts it, the predicted severity.
+
+    Also measures how much of each map lies inside the lungs (segmented on the
+    original slices): :attr:`Explanation.lung_share`.
+    """
     device = torch.device(device)
     path = Path(path)
-    display = read_scan(path, window=DEFAULT_WINDOW)  # the original slices, in the lung window
-    inputs = _Inputs(path)
+    display = read_scan(path, window=DEFAULT_WINDOW, series=series)  # the original slices, in the lung window
+    inputs = _Inputs(path, series)
     presence_members = [m for m in members if m.presence]
     severity_members = [m for m in members if m.severity]
     steps = Steps(len(presence_members) + 2 * len(severity_members), progress)
@@ -248,6 +281,11 @@ def explain_scan(
                                                       steps)
     if severity_members:
         _explain_severity(explanation, severity_members, probabilities_of, inputs, tta, stage, device, steps)
+    mask = segment_lungs(display.volume)
+    explanation.lungs_quality = mask.quality
+    if mask.ok:
+        inside = mask.labels > 0
+        explanation.lung_share = {task: mass_share(m, inside) for task, m in explanation.maps.items()}
     return explanation
 
 
@@ -261,7 +299,7 @@ def _explain_presence(path: Path, display, members: list[Member], inputs: _Input
         lam = float(member.config["lambda"])
         volume_map, logits = _member_map(member, inputs(member), partial(presence_score, lam=lam), tta, stage,
                                          device)
-        total += to_original(volume_map, slices, height, width)
+        total += on_original(volume_map, inputs.boxes(member), (slices, height, width))
         member_probabilities[id(member)] = probabilities(logits, lam).mean(dim=0)
         steps.step()
     p_covid = [float(labels.presence(member_probabilities[id(m)])) for m in members]
@@ -292,7 +330,7 @@ def _explain_severity(explanation: Explanation, members: list[Member], known: di
     for member in members:
         volume_map, _ = _member_map(member, inputs(member), partial(severity_score, severity=severity), tta,
                                     stage, device)
-        total += to_original(volume_map, slices, height, width)
+        total += on_original(volume_map, inputs.boxes(member), (slices, height, width))
         steps.step()
     explanation.maps[SEVERITY] = total / len(members)
 
@@ -305,6 +343,26 @@ def _member_map(member: Member, volume: torch.Tensor, score: Callable[[torch.Ten
         raise Cov3dError(f"the Grad-CAM map of {member.path} is not finite (the model's output overflows); "
                          "check the checkpoint with `cov3d evaluate`")
     return _merge(maps.cpu(), tta), logits.cpu()
+
+
+def on_original(volume_map: torch.Tensor, boxes: Sequence[Box], shape: tuple[int, int, int]) -> np.ndarray:
+    """A map on the preprocessed grid placed on the original (slices, height, width) grid.
+
+    `volume_map` is (D, W, W), or (2, D, W, W) under --lungs split; `boxes` are
+    where each view was cut from the original (the whole volume with --lungs
+    off). Outside the boxes the map is 0; the split's left view, mirrored for
+    the model, is mirrored back.
+    """
+    views = [volume_map] if volume_map.dim() == 3 else list(volume_map)
+    if len(views) != len(boxes):
+        raise ValueError(f"{len(views)} map(s) for {len(boxes)} box(es)")
+    out = np.zeros(shape, dtype=np.float32)
+    for index, (view, ((z0, z1), (y0, y1), (x0, x1))) in enumerate(zip(views, boxes)):
+        part = to_original(view, z1 - z0, y1 - y0, x1 - x0)
+        if index == 1:  # the left lung's view was mirrored
+            part = part[:, :, ::-1]
+        out[z0:z1, y0:y1, x0:x1] += part
+    return out
 
 
 def mass_share(volume_map: np.ndarray, mask: np.ndarray) -> float:

@@ -23,6 +23,7 @@ from cov3d import labels
 from cov3d.models.registry import ARCHS, build_model, get_arch
 from cov3d.atomic import save_torch
 from cov3d.errors import Cov3dError
+from cov3d.data.lungs import LUNG_MODES
 from cov3d.models.defaults import DROPOUT, PENULTIMATE
 from cov3d.models.video import POOLS
 
@@ -34,11 +35,11 @@ REQUIRED = ("arch", "depth", "width", "lambda", "outputs")
 
 
 def model_config(*, arch: str, depth: int, width: int, lam: float, window: tuple[float, float],
-                 penultimate: int, dropout: float, pool: str, final_bias: bool) -> dict:
-    """What `predict` needs to rebuild the model and read its outputs."""
+                 penultimate: int, dropout: float, pool: str, final_bias: bool, lungs: str = "off") -> dict:
+    """What `predict` needs to rebuild the model, prepare its input (size, window, lungs) and read its outputs."""
     return {"format": FORMAT, "arch": arch, "input": get_arch(arch).input, "penultimate": penultimate,
             "dropout": dropout, "pool": pool, "final_bias": final_bias, "depth": depth, "width": width,
-            "lambda": lam, "window": list(window), "outputs": list(OUTPUT_NAMES)}
+            "lambda": lam, "window": list(window), "lungs": lungs, "outputs": list(OUTPUT_NAMES)}
 
 
 def plain(value):
@@ -120,9 +121,11 @@ _CONFIG_RULES = {
     "final_bias": ("true or false", lambda v: isinstance(v, bool)),
     "window": ("two numbers LOW < HIGH", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
                and all(_is_number(x) for x in v) and v[0] < v[1]),
+    "lungs": (f"one of {', '.join(LUNG_MODES)}", lambda v: v in LUNG_MODES),
 }
+# What checkpoints of older cov3d lack: format 1 the first five, 0.3 and before "lungs" (the whole volume).
 _FORMAT_1_DEFAULTS = {"pool": "avg", "final_bias": True, "penultimate": PENULTIMATE, "dropout": DROPOUT,
-                      "window": [-1350.0, 150.0]}
+                      "window": [-1350.0, 150.0], "lungs": "off"}
 
 
 def checked_config(config, path: Path) -> dict:
@@ -148,7 +151,7 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
     check_finite(checkpoint, path)
     model = build_model(config["arch"], pretrained=False, penultimate=int(config["penultimate"]),
                         dropout=float(config["dropout"]), pool=str(config["pool"]),
-                        final_bias=bool(config["final_bias"]))
+                        final_bias=bool(config["final_bias"]), lungs=str(config["lungs"]))
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:

@@ -264,8 +264,9 @@ def build_model(
     pool: str = "avg",
     final_bias: bool = True,
     slices: int = 0,
+    lungs: str = "off",
 ):
-    """Build a cov3d network: (B, 1, D, H, W) → (B, 6).
+    """Build a cov3d network: (B, 1, D, H, W) → (B, 6); with ``lungs="split"``, (B, 2, D, H, W) → (B, 6).
 
     `pretrained=None` takes the architecture's default (pretrained when weights
     exist). Pretrained weights come from the local `weights` files (one per
@@ -284,6 +285,10 @@ def build_model(
         options["slices"] = slices
     model = spec.build(states, **options)
     setattr(model, ARCH_ATTRIBUTE, arch)  # a plain attribute: not in the state dict, so checkpoints are unchanged
+    if lungs == "split":
+        from cov3d.models.pair import lung_pair
+
+        model = lung_pair(model)  # both lungs through the one network (cov3d.models.pair)
     return model
 
 

@@ -183,7 +183,9 @@ def _write_set(explanation: Explanation, output: Path) -> list[str]:
                      "severity": explanation.severity_name,
                      "severity_probabilities": None if explanation.severity is None else
                      {name: float(p) for name, p in zip(SEVERITY_NAMES, explanation.severity)},
-                     "shape": list(explanation.scan.shape), "maps": {}}
+                     "shape": list(explanation.scan.shape), "maps": {},
+                     # The share of each map's mass inside the segmented lungs: a sanity check on real scans.
+                     "lungs": {"segmentation": explanation.lungs_quality, "map_share": explanation.lung_share}}
     for task, volume_map in explanation.maps.items():
         written.append(write_volume(output / f"{task}.nii.gz", volume_map, explanation.meta))
         written.append(render_saliency(explanation, task, output / f"{task}.png"))

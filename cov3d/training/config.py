@@ -100,6 +100,9 @@ class TrainConfig:
     loader_workers: int | None = None
     cache: str | None = None
     window: tuple[float, float] = field(default_factory=_lung_window)  # DEFAULT_WINDOW, the lung window
+    # The model sees the whole volume ("off"), the lungs' box ("crop"), or each lung on its own ("split"):
+    # cov3d.data.lungs. Off until the measurement in docs/training.md says otherwise.
+    lungs: str = "off"
     train_severity: str | None = None
     validation_severity: str | None = None
     wandb: bool = False
@@ -147,6 +150,7 @@ class TrainConfig:
         from cov3d.models.video import POOLS
         from cov3d.training.loss import SEVERITY_WEIGHTINGS
         from cov3d.training.precision import PRECISIONS
+        from cov3d.data.lungs import LUNG_MODES
         from cov3d.data.readers import parse_window
 
         spec = get_arch(self.arch)
@@ -173,6 +177,8 @@ class TrainConfig:
         if self.loader_workers is not None and self.loader_workers < 0:
             raise Cov3dError(f"--loader-workers {self.loader_workers} must be 0 (load in the main process) or more")
         self.window = parse_window(self.window)
+        if self.lungs not in LUNG_MODES:
+            raise Cov3dError(f"--lungs {self.lungs} is not one of {', '.join(LUNG_MODES)}")
         if self.precision not in PRECISIONS:
             raise Cov3dError(f"--precision {self.precision} is not one of {', '.join(PRECISIONS)}")
         if self.pool not in POOLS:

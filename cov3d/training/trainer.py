@@ -145,7 +145,7 @@ def _preprocess(config: TrainConfig, size, on_preprocess: Callable[[int, int], N
     try:
         report = preprocess_dataset(
             Path(config.data), size, Path(config.cache) if config.cache else None, window=tuple(config.window),
-            severity_files={"train": _path(config.train_severity), "validation": _path(config.validation_severity)},
+            lungs=config.lungs, severity_files={"train": _path(config.train_severity), "validation": _path(config.validation_severity)},
             progress=on_preprocess,
         )
         if report.failures:
@@ -164,7 +164,7 @@ def make_model(config: TrainConfig, resume: bool = False) -> torch.nn.Module:
     model = build_model(config.arch, pretrained=config.pretrained and not resume,
                         weights=[] if resume else [Path(w) for w in config.weights],
                         penultimate=config.penultimate, dropout=config.dropout, pool=config.pool,
-                        final_bias=config.final_bias, slices=config.slices)
+                        final_bias=config.final_bias, slices=config.slices, lungs=config.lungs)
     sync_bn = config.sync_bn
     if sync_bn is None:
         sync_bn = distributed.world_size() > 1 and config.resolved["device"].startswith("cuda")
@@ -199,7 +199,7 @@ def make_learner(config: TrainConfig, splits: Splits, model: torch.nn.Module, ru
     checkpoint_config = model_config(
         arch=config.arch, depth=config.resolved["depth"], width=config.resolved["width"], lam=config.lam,
         window=tuple(config.window), penultimate=config.penultimate, dropout=config.dropout, pool=config.pool,
-        final_bias=config.final_bias)
+        final_bias=config.final_bias, lungs=config.lungs)
     dls = make_loaders(config, splits, device)
     # fastai reads one item of a loader when its `n_inp` is first asked for, in the first training batch,
     # drawing random numbers for augmentation then. Asking here, before last.pt's random state is put back,

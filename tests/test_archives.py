@@ -368,3 +368,21 @@ def test_an_undecodable_transfer_syntax_is_named(tmp_path, monkeypatch):
     with pytest.raises(Cov3dError, match=r"cannot be decoded: its transfer syntax is 1\.2\.840\.10008\.1\.2\.4\.201 "
                                          r"\(High-Throughput JPEG 2000 Lossless\)"):
         read_scan(folder)
+
+
+def test_the_cache_records_the_series_and_is_made_again_for_another_series(tmp_path):
+    from cov3d.data.preprocess import Size, preprocess_dataset, read_manifest
+
+    data = tmp_path / "data"
+    series(data / "ct", body(), "1.2.3.1", 2, "soft")
+    series(data / "ct", body(300), "1.2.3.2", 3, "lung")
+    write_slices(data / "jpeg", np.full((5, 8, 8), 90, dtype=np.uint8))
+    first = preprocess_dataset(data, Size(4, 8), tmp_path / "cache", workers=1)
+    rows = {r["path"]: r for r in read_manifest(first.manifest)}
+    assert rows["ct"]["series"] == "1.2.3.1" and rows["ct"]["series_rule"] == ""
+    other = preprocess_dataset(data, Size(4, 8), tmp_path / "cache", workers=1, series="3")
+    assert (other.processed, other.skipped) == (1, 1)  # the JPEG scan ignores --series and stays cached
+    rows = {r["path"]: r for r in read_manifest(other.manifest)}
+    assert rows["ct"]["series"] == "1.2.3.2" and rows["ct"]["series_rule"] == "3" and rows["jpeg"]["series_rule"] == ""
+    again = preprocess_dataset(data, Size(4, 8), tmp_path / "cache", workers=1, series="3")
+    assert (again.processed, again.skipped) == (0, 2)

@@ -85,7 +85,7 @@ def test_a_cache_entry_with_nan_voxels_is_not_used(tmp_path, caplog):
     cached = report.manifest.parent / row["cache"]
     good = load_cached(cached).float()
     torch.save(torch.full((1, 8, 16, 16), float("nan"), dtype=torch.float16), cached)  # as an older cov3d wrote
-    dataset = predict_module._CachedOrFresh([scan], [(SIZE, DEFAULT_WINDOW)], [scans])
+    dataset = predict_module._CachedOrFresh([scan], [(SIZE, DEFAULT_WINDOW, "off")], [scans])
     assert dataset.cached[0] == {scan: cached}
     with caplog.at_level(logging.WARNING):
         _, [tensor], reason = dataset[0]

@@ -34,7 +34,7 @@ import torch
 from cov3d.atomic import WriteFailed, remove_stale_temporaries, replacing, save_torch, write_csv
 from cov3d.data.catalog import ScanRecord, catalog
 from cov3d.errors import Cov3dError, describe_error
-from cov3d.data.readers import DEFAULT_WINDOW, get_reader, read_scan
+from cov3d.data.readers import DEFAULT_WINDOW, READERS, get_reader, read_scan
 from cov3d.data.lungs import LUNG_MODES, LungViews, box_text, lung_views, resample_labels
 from cov3d.data.resample import SIZES, finish, resample_volume
 
@@ -294,9 +294,13 @@ _KEPT = ("slices", "source", "height", "width", "spacing", "series", "series_rul
          "lung_ml", "right_lung_ml", "left_lung_ml", "lung_box")
 
 
-def _series_rule(record: ScanRecord, series: str | None) -> str:
-    # Only readers that choose among series (DICOM) depend on --series; other kinds' caches do not.
-    return (series or "") if get_reader(record.kind).selects_series else ""
+def series_rule(kind: str, series: str | None) -> str:
+    """The manifest's `series_rule` of a scan of `kind` read with `--series` `series` ('' for the series rule).
+
+    Only readers that choose among series (DICOM) depend on --series; the caches of other kinds do not.
+    """
+    reader = READERS.get(kind)
+    return (series or "") if reader is not None and reader.selects_series else ""
 
 
 def _owned_by(rows: list[dict[str, str]], data: Path) -> bool:
@@ -522,7 +526,7 @@ class _Run:
             stamp = source_stamp(data / record.path)
             old = previous.get(record.path)
             if (not overwrite and old and old.get("stamp") == stamp and old.get("window") == window_text
-                    and old.get("series_rule", "") == _series_rule(record, self.series)
+                    and old.get("series_rule", "") == series_rule(record.kind, self.series)
                     and _cache_is_whole(self.folder / cache_file, old)
                     and (self.lungs == "off" or (self.folder / mask_name(cache_file)).is_file())):
                 meta = {k: old.get(k, "") for k in _KEPT}
@@ -579,7 +583,7 @@ def _results(jobs: list[_Job], data: Path, folder: Path, size: Size, window: tup
     """(job, manifest fields or the error) as each job finishes: in this process, or in `workers` processes."""
     def arguments(job: _Job) -> tuple:
         return (str(data / job[0].path), str(folder / job[1]), size, window, threads, lungs,
-                series if get_reader(job[0].kind).selects_series else None)
+                series_rule(job[0].kind, series) or None)
 
     if workers == 1:
         for job in jobs:

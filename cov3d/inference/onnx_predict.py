@@ -190,10 +190,10 @@ class Exported:
         return dict(zip(self.outputs, values))
 
 
-def input_key(entry: dict) -> tuple[Size, tuple[float, float]]:
-    """The (size, window) a spec's input was preprocessed at."""
+def input_key(entry: dict) -> tuple[Size, tuple[float, float], str]:
+    """The (size, window, lungs mode) a spec's input was preprocessed at (exports are of --lungs off models)."""
     low, high = entry["window"]
-    return Size(int(entry["depth"]), int(entry["width"])), (float(low), float(high))
+    return Size(int(entry["depth"]), int(entry["width"])), (float(low), float(high)), "off"
 
 
 def load_exported(graphs: Sequence[Path], device: str = "cpu", threshold: float | None = None) -> list[Exported]:
@@ -237,7 +237,7 @@ def predict_exported(
     for graph in exported:
         if tta is False and graph.spec.get("tta"):
             log.warning("%s was exported with TTA inside the graph; --no-tta does not change it", graph.path)
-    shapes: list[tuple[Size, tuple[float, float]]] = []
+    shapes: list[tuple[Size, tuple[float, float], str]] = []
     for graph in exported:
         for entry in graph.inputs:
             if input_key(entry) not in shapes:

@@ -33,8 +33,8 @@ from cov3d import labels
 from cov3d.labels import SEVERITY_NAMES
 from cov3d.training.loss import probabilities
 from cov3d.data.preprocess import (
-    MANIFEST, ManifestError, Size, default_cache_dir, load_cached, preprocess_volume, read_manifest, size_dir,
-    source_stamp,
+    MANIFEST, ManifestError, Size, default_cache_dir, load_cached, preprocess_volume, read_manifest, series_rule,
+    size_dir, source_stamp,
 )
 from cov3d.training.precision import (
     DTYPES, Choice, best_seconds, faster_of_fp32_and_bf16, fold_batchnorm, resolve_precision,
@@ -176,15 +176,15 @@ def _non_finite(tensor: torch.Tensor) -> int:
 
 
 class _CachedOrFresh(Dataset):
-    """Scans as one (C, D, W, W) float32 tensor per input shape (size, window[, lungs]) the members need, each
+    """Scans as one (C, D, W, W) float32 tensor per input shape (size, window, lungs) the members need, each
     from an up-to-date cache entry or preprocessed in memory. A scan that holds NaN or inf voxels fails.
 
     C is 1, or 2 under --lungs split. `series` is the --series that picks a DICOM series.
     """
 
-    def __init__(self, scans: list[Path], shapes: list[tuple], roots: list[Path], series: str | None = None):
-        self.scans, self.series = scans, series
-        self.shapes = [(size, window, rest[0] if rest else "off") for size, window, *rest in shapes]
+    def __init__(self, scans: list[Path], shapes: list[tuple[Size, tuple[float, float], str]], roots: list[Path],
+                 series: str | None = None):
+        self.scans, self.shapes, self.series = scans, shapes, series
         self.cached = [_cache_index(scans, size, window, roots, lungs, series) for size, window, lungs in self.shapes]
 
     def __len__(self) -> int:
@@ -235,7 +235,7 @@ def _cache_index(scans: list[Path], size: Size, window: tuple[float, float], roo
             log.warning("%s; its cached scans are not used", error)
             continue
         for row in rows:
-            if row.get("source") == "dicom" and row.get("series_rule", "") != (series or ""):
+            if row.get("series_rule", "") != series_rule(row.get("source", ""), series):
                 continue  # another DICOM series than the one asked for
             entries[(root / row["path"]).resolve()] = (manifest.parent / row["cache"], row.get("stamp", ""),
                                                         row.get("window", ""))
